@@ -1,0 +1,184 @@
+"""The interface every SAE in switch_sae shares, and the save/load format.
+
+An SAE maps activations ``x [batch, d_in]`` to a code and back. Sparse architectures
+(Switch, TopK, BatchTopK) return a ``SparseCode`` of ``k`` (value, feature id) pairs per
+token; the L1 family (ReLU, Gated, JumpReLU) returns dense ``acts [batch, d_sae]``.
+``W_dec_flat [d_sae, d_in]`` is always the global dictionary with unit-norm rows.
+
+On disk an SAE is a folder with ``cfg.json`` (the config dataclass plus ``architecture``)
+and ``model.safetensors`` (parameters and buffers), both written atomically.
+
+What it leaves out: training losses (``switch_sae.training``) and evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from ..io import atomic_write_json, atomic_write_safetensors
+
+try:  # TransformerLens hook points, so users can hook an SAE like any TL module.
+    from transformer_lens.hook_points import HookedRootModule, HookPoint
+except ImportError:  # the [lm] extra is not installed: plain identities, same names
+    HookPoint = nn.Identity  # type: ignore[assignment,misc]
+    HookedRootModule = nn.Module  # type: ignore[assignment,misc]
+
+CONFIG_FILE = "cfg.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+class SparseCode(NamedTuple):
+    """k active features per token."""
+
+    values: Tensor  # [batch, k] activations (gated, for Switch SAEs)
+    indices: Tensor  # [batch, k] int64 global feature ids in [0, d_sae)
+
+
+class ForwardOutput(NamedTuple):
+    """Everything one forward pass produces that training and evaluation need."""
+
+    x_hat: Tensor  # [batch, d_in] reconstruction
+    code: SparseCode | None  # sparse code (Switch / TopK family), else None
+    acts: Tensor | None  # dense [batch, d_sae] code (L1 family), else None
+    router_probs: Tensor | None = None  # [batch, n_experts] (Switch only)
+    experts: Tensor | None = None  # [batch, n_active] int64 (Switch only)
+    aux: dict[str, Tensor] | None = None  # architecture-specific training terms
+
+    @property
+    def values(self) -> Tensor:
+        assert self.code is not None, "this architecture has a dense code: use .acts"
+        return self.code.values
+
+    @property
+    def indices(self) -> Tensor:
+        assert self.code is not None, "this architecture has a dense code: use .acts"
+        return self.code.indices
+
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+_REGISTRY: dict[str, type["SAE"]] = {}
+
+
+def register_architecture(cls: type["SAE"]) -> type["SAE"]:
+    """Class decorator: make ``SAE.load`` able to rebuild this architecture by name."""
+    _REGISTRY[cls.architecture] = cls
+    return cls
+
+
+class SAE(HookedRootModule):
+    """Base class: ``x -> code -> x_hat``, with a unit-norm global dictionary."""
+
+    architecture: ClassVar[str]
+    config_class: ClassVar[type]
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    # -- the interface -------------------------------------------------------
+    @property
+    def d_in(self) -> int:
+        return self.cfg.d_in
+
+    @property
+    def d_sae(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def W_dec_flat(self) -> Tensor:
+        """``[d_sae, d_in]`` dictionary; row i is feature i's unit-norm direction."""
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> SparseCode | Tensor:
+        raise NotImplementedError
+
+    def encode_dense(self, x: Tensor) -> Tensor:
+        """``[batch, d_sae]`` feature activations, for analysis on small batches only."""
+        raise NotImplementedError
+
+    def decode(self, code: SparseCode | Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> ForwardOutput:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def normalize_decoder_(self) -> None:
+        """Rescale every dictionary row to unit norm (after each optimiser step)."""
+        W = self.W_dec_flat
+        W /= W.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(W.dtype).tiny)
+
+    @torch.no_grad()
+    def remove_decoder_parallel_grad_(self) -> None:
+        """Drop from each decoder-row gradient its component along the row (before a step),
+        so the step moves along the unit sphere (paper, appendix A)."""
+        grad = self.W_dec.grad
+        if grad is None:
+            return
+        W, G = self.W_dec_flat, grad.view(self.d_sae, self.d_in)
+        G -= (G * W).sum(dim=-1, keepdim=True) * W
+
+    def check_input(self, x: Tensor) -> Tensor:
+        """Validate ``x [..., d_in]`` and flatten it to ``[batch, d_in]`` in the model dtype."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.d_in:
+            raise ValueError(f"x must have shape [..., d_in={self.d_in}], got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        device = self.W_dec_flat.device
+        if x.device != device:
+            raise ValueError(f"x is on {x.device} but the SAE is on {device}; move one of them")
+        return x.reshape(-1, self.d_in).to(self.W_dec_flat.dtype).contiguous()
+
+    # -- persistence -----------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        return {"architecture": self.architecture, **dataclasses.asdict(self.cfg)}
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``cfg.json`` + ``model.safetensors`` into ``directory`` atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {name: t.detach() for name, t in self.state_dict().items()}
+        atomic_write_safetensors(tensors, directory / WEIGHTS_FILE)
+        atomic_write_json(self.config_dict(), directory / CONFIG_FILE)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, device: str | torch.device | None = None) -> "SAE":
+        """Rebuild an SAE saved by ``save``; never unpickles."""
+        directory = Path(directory)
+        cfg_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for path in (cfg_path, weights_path):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} does not exist: not a saved switch_sae SAE folder")
+        cfg_dict = json.loads(cfg_path.read_text())
+        architecture = cfg_dict.pop("architecture", None)
+        if architecture not in _REGISTRY:
+            raise ValueError(f"{cfg_path}: unknown architecture {architecture!r}; known: {sorted(_REGISTRY)}")
+        target = _REGISTRY[architecture]
+        if cls is not SAE and not issubclass(target, cls):
+            raise ValueError(f"{directory} holds a {architecture!r} SAE, not a {cls.architecture!r} one")
+        if device is not None:
+            cfg_dict["device"] = str(device)
+        model = target(target.config_class(**cfg_dict))
+        state = load_file(str(weights_path), device=str(model.W_dec_flat.device))
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"{weights_path} does not match the config: missing {missing}, unexpected {unexpected}")
+        return model

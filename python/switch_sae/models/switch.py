@@ -1,0 +1,177 @@
+"""The Switch SAE (Mudide et al. 2024) with optional multi-expert activation (Scale SAE).
+
+    probs = softmax((x - b_router) @ W_router.T);  experts, gates = top-n_active(probs)
+    code  = TopK_k( union over selected e of  gate_e * ReLU(TopK_k(W_enc[e] (x - b_dec) + b_enc[e])) )
+    x_hat = sum_j code.values[j] * W_dec_flat[code.indices[j]] + b_dec
+
+Tokens are grouped by expert (``ops.dispatch``) and only their expert's encoder rows are
+multiplied (``ops.encode_topk``), so the encoder costs ``n_active * d_expert`` rather
+than ``d_sae`` multiply-adds per token per input dimension; decoding is a gather-sum.
+The gate is the router's (not renormalised) probability: with one active expert it is
+``p_max``, which is how the router learns from the reconstruction loss (paper, sec. 3).
+
+Optional feature scaling (Scale SAE, arXiv 2511.05745): each expert's encoder is
+``A_LP + (1 + w_e) A_HP`` with ``A_LP = T(mean row of W_enc[e])`` broadcast over rows and
+``A_HP = W_enc[e] - A_LP``; ``T`` (d_in x d_in, shared) starts at the identity, ``w_e`` at 0.
+
+What it leaves out: losses and the training recipe (``switch_sae.training``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops, reference
+from .base import SAE, ForwardOutput, HookPoint, HookedRootModule, SparseCode, parse_dtype, register_architecture
+
+
+@dataclass
+class SwitchSAEConfig:
+    """Shape and options of a Switch SAE. ``d_sae = n_experts * d_expert``."""
+
+    d_in: int
+    """Width of the activations being reconstructed."""
+    n_experts: int
+    """Number of expert SAEs the router chooses from."""
+    d_expert: int
+    """Features per expert."""
+    k: int
+    """Active features per token (the L0 of the code)."""
+    n_active: int = 1
+    """Experts per token: 1 is the paper's Switch SAE, >1 multi-expert activation."""
+    use_encoder_bias: bool = False
+    """Per-feature encoder bias ``b_enc``; off in the paper's final Switch SAE."""
+    feature_scaling: bool = False
+    """Scale SAE feature scaling of the encoder (low-pass/high-pass split per expert)."""
+    tile_rows: int = 1024
+    """Tokens encoded at once per expert: bounds pre-activation memory to tile_rows x d_expert."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, float64, bfloat16 or float16."""
+    device: str = "cpu"
+    """Device for the parameters."""
+    hook_name: str = ""
+    """Where the activations came from (e.g. blocks.8.hook_resid_post); metadata for interop."""
+    model_name: str = ""
+    """Which model the activations came from; metadata for interop."""
+
+    def __post_init__(self) -> None:
+        for name in ("d_in", "n_experts", "d_expert", "k", "n_active", "tile_rows"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.k > self.d_expert:
+            raise ValueError(
+                f"k={self.k} is larger than an expert (d_expert={self.d_expert}): each expert "
+                "must be able to supply k active features; lower k or widen the experts"
+            )
+        if self.n_active > self.n_experts:
+            raise ValueError(f"n_active={self.n_active} exceeds n_experts={self.n_experts}")
+        parse_dtype(self.dtype)
+
+    @property
+    def d_sae(self) -> int:
+        return self.n_experts * self.d_expert
+
+
+@register_architecture
+class SwitchSAE(SAE):
+    """Switch SAE: a router sends each token to ``n_active`` of ``n_experts`` TopK SAEs."""
+
+    architecture = "switch"
+    config_class = SwitchSAEConfig
+
+    def __init__(self, cfg: SwitchSAEConfig) -> None:
+        super().__init__(cfg)
+        factory = {"dtype": parse_dtype(cfg.dtype), "device": cfg.device}
+        E, m, d = cfg.n_experts, cfg.d_expert, cfg.d_in
+        # Encoder rows start parallel to the unit-norm decoder rows (paper, appendix A).
+        W_dec = torch.randn(E, m, d, **factory)  # [n_experts, d_expert, d_in]
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.clone())  # [n_experts, d_expert, d_in]
+        self.b_enc = nn.Parameter(torch.zeros(E, m, **factory)) if cfg.use_encoder_bias else None
+        self.W_router = nn.Parameter(torch.randn(E, d, **factory) / d**0.5)  # [n_experts, d_in]
+        self.b_router = nn.Parameter(torch.zeros(d, **factory))  # [d_in]
+        self.b_dec = nn.Parameter(torch.zeros(d, **factory))  # [d_in] the pre-bias
+        if cfg.feature_scaling:
+            self.feature_T = nn.Parameter(torch.eye(d, **factory))  # [d_in, d_in]
+            self.feature_w = nn.Parameter(torch.zeros(E, **factory))  # [n_experts]
+        self.hook_sae_input = HookPoint()  # [batch, d_in]
+        self.hook_router_probs = HookPoint()  # [batch, n_experts]
+        self.hook_sae_acts_post = HookPoint()  # [batch, k] gated sparse values
+        self.hook_sae_recons = HookPoint()  # [batch, d_in]
+        if HookedRootModule is not nn.Module:
+            self.setup()
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def W_dec_flat(self) -> Tensor:
+        return self.W_dec.view(self.cfg.d_sae, self.cfg.d_in)
+
+    def encoder_weight(self) -> Tensor:
+        """``[n_experts, d_expert, d_in]`` encoder actually used (feature scaling applied)."""
+        if not self.cfg.feature_scaling:
+            return self.W_enc
+        low_pass = self.W_enc.mean(dim=1) @ self.feature_T.T  # [n_experts, d_in]
+        w = self.feature_w.view(-1, 1, 1)
+        # A_LP + (1 + w) (W - A_LP) = (1 + w) W - w A_LP
+        return (1 + w) * self.W_enc - w * low_pass.unsqueeze(1)
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x [batch, d_in]`` -> probs ``[batch, n_experts]``, gates and experts ``[batch, n_active]``."""
+        probs, gates, experts = reference.route(x, self.W_router, self.b_router, self.cfg.n_active)
+        return self.hook_router_probs(probs), gates.to(x.dtype), experts
+
+    def _encode_routed(self, x: Tensor, gates: Tensor, experts: Tensor) -> SparseCode:
+        cfg = self.cfg
+        batch = x.shape[0]
+        order, offsets = ops.dispatch(experts.reshape(-1), cfg.n_experts)
+        values, indices = ops.encode_topk(  # [batch * n_active, k] each
+            x, self.encoder_weight(), self.b_enc, self.b_dec, order, offsets, cfg.n_active, cfg.k, cfg.tile_rows
+        )
+        gated = values.view(batch, cfg.n_active, cfg.k) * gates.unsqueeze(-1)
+        if cfg.n_active == 1:
+            return SparseCode(gated.view(batch, cfg.k), indices.view(batch, cfg.k))
+        # The global top k lies inside the union of each selected expert's top k.
+        top, pos = torch.topk(gated.view(batch, -1), cfg.k, dim=-1)  # [batch, k]
+        return SparseCode(top, indices.view(batch, -1).gather(1, pos))
+
+    def encode(self, x: Tensor) -> SparseCode:
+        """``x [..., d_in]`` -> ``SparseCode`` with values/indices of shape ``[..., k]``."""
+        lead = x.shape[:-1]
+        x = self.check_input(x)
+        _, gates, experts = self.route(x)
+        code = self._encode_routed(x, gates, experts)
+        return SparseCode(code.values.view(*lead, -1), code.indices.view(*lead, -1))
+
+    def encode_dense(self, x: Tensor) -> Tensor:
+        code = self.encode(x)
+        dense = code.values.new_zeros(*code.values.shape[:-1], self.d_sae)
+        return dense.scatter(-1, code.indices, code.values)
+
+    def decode(self, code: SparseCode) -> Tensor:
+        values, indices = code
+        lead = values.shape[:-1]
+        flat = ops.decode(values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1]), self.W_dec_flat)
+        return (flat + self.b_dec).view(*lead, self.d_in)
+
+    def forward(self, x: Tensor) -> ForwardOutput:
+        lead = x.shape[:-1]
+        x = self.hook_sae_input(self.check_input(x))  # [batch, d_in]
+        probs, gates, experts = self.route(x)
+        code = self._encode_routed(x, gates, experts)
+        values = self.hook_sae_acts_post(code.values)  # [batch, k]
+        x_hat = self.hook_sae_recons(ops.decode(values, code.indices, self.W_dec_flat) + self.b_dec)
+        return ForwardOutput(
+            x_hat=x_hat.view(*lead, self.d_in),
+            code=SparseCode(values.view(*lead, -1), code.indices.view(*lead, -1)),
+            acts=None,
+            router_probs=probs.view(*lead, -1),
+            experts=experts.view(*lead, -1),
+        )

@@ -1,0 +1,191 @@
+"""The Python face of the ``switch_sae`` custom ops: loading, fake kernels, autograd.
+
+After ``import switch_sae`` the compiled ops are callable as ``torch.ops.switch_sae.<op>``
+from any codebase; the wrappers below add docstrings and fall back to
+``switch_sae.reference`` (warning once) when the compiled extension is not installed.
+Schemas live in ``csrc/registration.cpp``; semantics are those of ``reference.py``.
+
+What it leaves out: routing (``reference.route``, ordinary autograd) and the gate/merge
+step, which are small dense tensor operations left to the model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+
+import torch
+from torch import Tensor
+
+from . import reference
+
+REBUILD_HINT = (
+    "Rebuild it against the installed torch with `pip install --no-build-isolation .` "
+    "from the switch_sae source tree (or `make install`)."
+)
+
+
+class ExtensionMismatchError(ImportError):
+    """The compiled extension was built against a different torch than the one running."""
+
+
+def check_build_matches(built_torch: str, running_torch: str) -> None:
+    """Refuse a binary built against another torch: its C++ ABI is not compatible."""
+    if built_torch != running_torch:
+        raise ExtensionMismatchError(
+            f"switch_sae._C was built against torch {built_torch} but torch {running_torch} "
+            f"is installed; loading it could crash or misbehave. {REBUILD_HINT} "
+            "Set SWITCH_SAE_DISABLE_EXTENSION=1 to run on the (slow) reference path instead."
+        )
+
+
+def _load_extension() -> bool:
+    """Import ``switch_sae._C`` (which registers the ops) if it exists and matches torch."""
+    if os.environ.get("SWITCH_SAE_DISABLE_EXTENSION") == "1":
+        return False
+    try:
+        build_info = importlib.import_module("switch_sae._build_info")
+    except ImportError:
+        return False
+    check_build_matches(build_info.TORCH_VERSION, torch.__version__)
+    importlib.import_module("switch_sae._C")
+    return True
+
+
+HAS_EXTENSION = _load_extension()
+_warned = False
+
+
+def _warn_reference_once() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            "switch_sae: the compiled extension is not available, running the slow plain "
+            f"PyTorch reference ops instead. {REBUILD_HINT}",
+            stacklevel=3,
+        )
+
+
+def with_cuda() -> bool:
+    """Whether the loaded extension has CUDA kernels."""
+    return HAS_EXTENSION and bool(torch.ops.switch_sae.with_cuda())
+
+
+# ---------------------------------------------------------------- fake kernels and autograd
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("switch_sae::dispatch")
+    def _dispatch_fake(experts: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
+        return experts.new_empty(experts.shape[0]), experts.new_empty(n_experts + 1)
+
+    @torch.library.register_fake("switch_sae::encode_topk")
+    def _encode_topk_fake(x, W_enc, b_enc, b_dec, order, offsets, n_active, k, tile_rows):
+        rows = x.shape[0] * n_active
+        return x.new_empty(rows, k), order.new_empty(rows, k)
+
+    @torch.library.register_fake("switch_sae::encode_backward")
+    def _encode_backward_fake(grad_values, values, indices, x, W_enc, b_dec, n_active):
+        return torch.empty_like(x), torch.empty_like(W_enc), W_enc.new_empty(W_enc.shape[:2])
+
+    @torch.library.register_fake("switch_sae::decode")
+    def _decode_fake(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+        return values.new_empty(values.shape[0], W_dec.shape[1])
+
+    @torch.library.register_fake("switch_sae::decode_backward")
+    def _decode_backward_fake(grad_out, values, indices, W_dec):
+        return torch.empty_like(values), torch.empty_like(W_dec)
+
+    def _encode_topk_setup(ctx, inputs, output):
+        x, W_enc, b_enc, b_dec, _order, _offsets, n_active, _k, _tile_rows = inputs
+        values, indices = output
+        ctx.save_for_backward(x, W_enc, b_dec, values, indices)
+        ctx.n_active = n_active
+        ctx.has_b_enc = b_enc is not None
+
+    def _encode_topk_backward(ctx, grad_values, _grad_indices):
+        x, W_enc, b_dec, values, indices = ctx.saved_tensors
+        grad_x, grad_W_enc, grad_b_enc = torch.ops.switch_sae.encode_backward(
+            grad_values.contiguous(), values, indices, x, W_enc, b_dec, ctx.n_active
+        )
+        grad_b_dec = -grad_x.sum(0)  # pre = W (x - b_dec): d/d b_dec = -d/dx
+        grad_b_enc = grad_b_enc if ctx.has_b_enc else None
+        return grad_x, grad_W_enc, grad_b_enc, grad_b_dec, None, None, None, None, None
+
+    torch.library.register_autograd(
+        "switch_sae::encode_topk", _encode_topk_backward, setup_context=_encode_topk_setup
+    )
+
+    def _decode_setup(ctx, inputs, output):
+        values, indices, W_dec = inputs
+        ctx.save_for_backward(values, indices, W_dec)
+
+    def _decode_backward(ctx, grad_out):
+        values, indices, W_dec = ctx.saved_tensors
+        grad_values, grad_W_dec = torch.ops.switch_sae.decode_backward(
+            grad_out.contiguous(), values, indices, W_dec
+        )
+        return grad_values, None, grad_W_dec
+
+    torch.library.register_autograd(
+        "switch_sae::decode", _decode_backward, setup_context=_decode_setup
+    )
+
+
+# ---------------------------------------------------------------- wrappers
+
+
+def dispatch(experts: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
+    """Group (token, expert) pairs by expert. See ``reference.dispatch``."""
+    if HAS_EXTENSION:
+        return torch.ops.switch_sae.dispatch(experts, n_experts)
+    _warn_reference_once()
+    return reference.dispatch(experts, n_experts)
+
+
+def encode_topk(
+    x: Tensor,
+    W_enc: Tensor,
+    b_enc: Tensor | None,
+    b_dec: Tensor,
+    order: Tensor,
+    offsets: Tensor,
+    n_active: int,
+    k: int,
+    tile_rows: int = 1024,
+) -> tuple[Tensor, Tensor]:
+    """Routed encoder, TopK(k), ReLU, in tiles. See ``reference.encode_topk``."""
+    if HAS_EXTENSION:
+        return torch.ops.switch_sae.encode_topk(
+            x, W_enc, b_enc, b_dec, order, offsets, n_active, k, tile_rows
+        )
+    _warn_reference_once()
+    return reference.encode_topk(x, W_enc, b_enc, b_dec, order, offsets, n_active, k, tile_rows)
+
+
+def decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+    """Sparse gather-sum decoder. See ``reference.decode``."""
+    if HAS_EXTENSION:
+        return torch.ops.switch_sae.decode(values, indices, W_dec)
+    _warn_reference_once()
+    return reference.decode(values, indices, W_dec)
+
+
+def decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor):
+    """Gradients of ``decode``. See ``reference.decode_backward``."""
+    if HAS_EXTENSION:
+        return torch.ops.switch_sae.decode_backward(grad_out, values, indices, W_dec)
+    _warn_reference_once()
+    return reference.decode_backward(grad_out, values, indices, W_dec)
+
+
+def encode_backward(grad_values, values, indices, x, W_enc, b_dec, n_active: int):
+    """Gradients of ``encode_topk``. See ``reference.encode_backward``."""
+    if HAS_EXTENSION:
+        return torch.ops.switch_sae.encode_backward(
+            grad_values, values, indices, x, W_enc, b_dec, n_active
+        )
+    _warn_reference_once()
+    return reference.encode_backward(grad_values, values, indices, x, W_enc, b_dec, n_active)
