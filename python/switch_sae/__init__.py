@@ -5,7 +5,24 @@ extension is installed, and falls back to the plain PyTorch reference otherwise.
 """
 
 from . import ops, reference
-from .models import SAE, ForwardOutput, SparseCode, SwitchSAE, SwitchSAEConfig
+from .models import (
+    SAE,
+    BatchTopKSAE,
+    BatchTopKSAEConfig,
+    ForwardOutput,
+    GatedSAE,
+    GatedSAEConfig,
+    JumpReLUSAE,
+    JumpReLUSAEConfig,
+    ReLUSAE,
+    ReLUSAEConfig,
+    SparseCode,
+    SwitchSAE,
+    SwitchSAEConfig,
+    TopKSAE,
+    TopKSAEConfig,
+)
+from .training import StepMetrics, TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
@@ -15,6 +32,19 @@ __all__ = [
     "SparseCode",
     "SwitchSAE",
     "SwitchSAEConfig",
+    "TopKSAE",
+    "TopKSAEConfig",
+    "BatchTopKSAE",
+    "BatchTopKSAEConfig",
+    "ReLUSAE",
+    "ReLUSAEConfig",
+    "GatedSAE",
+    "GatedSAEConfig",
+    "JumpReLUSAE",
+    "JumpReLUSAEConfig",
+    "StepMetrics",
+    "TrainConfig",
+    "Trainer",
     "ops",
     "reference",
     "__version__",

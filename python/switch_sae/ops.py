@@ -162,7 +162,10 @@ def encode_topk(
             x, W_enc, b_enc, b_dec, order, offsets, n_active, k, tile_rows
         )
     _warn_reference_once()
-    return reference.encode_topk(x, W_enc, b_enc, b_dec, order, offsets, n_active, k, tile_rows)
+    # The compiled op is not autocast-aware (it runs in its inputs' dtype); the reference
+    # must do the same rather than let autocast lower some of its products.
+    with torch.autocast(x.device.type, enabled=False):
+        return reference.encode_topk(x, W_enc, b_enc, b_dec, order, offsets, n_active, k, tile_rows)
 
 
 def decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
@@ -170,7 +173,8 @@ def decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     if HAS_EXTENSION:
         return torch.ops.switch_sae.decode(values, indices, W_dec)
     _warn_reference_once()
-    return reference.decode(values, indices, W_dec)
+    with torch.autocast(values.device.type, enabled=False):  # as in encode_topk
+        return reference.decode(values, indices, W_dec)
 
 
 def decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor):

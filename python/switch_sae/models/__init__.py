@@ -1,6 +1,27 @@
 """SAE architectures behind one interface (``SAE``): Switch and the baselines."""
 
 from .base import SAE, ForwardOutput, SparseCode
+from .batchtopk import BatchTopKSAE, BatchTopKSAEConfig
+from .gated import GatedSAE, GatedSAEConfig
+from .jumprelu import JumpReLUSAE, JumpReLUSAEConfig
+from .relu import ReLUSAE, ReLUSAEConfig
 from .switch import SwitchSAE, SwitchSAEConfig
+from .topk import TopKSAE, TopKSAEConfig
 
-__all__ = ["SAE", "ForwardOutput", "SparseCode", "SwitchSAE", "SwitchSAEConfig"]
+__all__ = [
+    "SAE",
+    "ForwardOutput",
+    "SparseCode",
+    "SwitchSAE",
+    "SwitchSAEConfig",
+    "TopKSAE",
+    "TopKSAEConfig",
+    "BatchTopKSAE",
+    "BatchTopKSAEConfig",
+    "ReLUSAE",
+    "ReLUSAEConfig",
+    "GatedSAE",
+    "GatedSAEConfig",
+    "JumpReLUSAE",
+    "JumpReLUSAEConfig",
+]

@@ -25,7 +25,12 @@ from torch import Tensor, nn
 from ..io import atomic_write_json, atomic_write_safetensors
 
 try:  # TransformerLens hook points, so users can hook an SAE like any TL module.
-    from transformer_lens.hook_points import HookedRootModule, HookPoint
+    from transformer_lens.hook_points import HookPoint
+
+    try:  # TransformerLens >= 3.x exports it at the top; 4.0 removed it from hook_points
+        from transformer_lens import HookedRootModule
+    except ImportError:
+        from transformer_lens.hook_points import HookedRootModule
 except ImportError:  # the [lm] extra is not installed: plain identities, same names
     HookPoint = nn.Identity  # type: ignore[assignment,misc]
     HookedRootModule = nn.Module  # type: ignore[assignment,misc]
@@ -89,6 +94,10 @@ class SAE(HookedRootModule):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         self.cfg = cfg
+        # Scanning inputs for NaN/inf costs one pass over x (and a host sync on GPU); it is
+        # on by default because a non-finite input silently poisons TopK and training.
+        # Under torch.compile the scan is skipped (data-dependent control flow).
+        self.check_finite_inputs = True
 
     # -- the interface -------------------------------------------------------
     @property
@@ -133,8 +142,9 @@ class SAE(HookedRootModule):
         W, G = self.W_dec_flat, grad.view(self.d_sae, self.d_in)
         G -= (G * W).sum(dim=-1, keepdim=True) * W
 
-    def check_input(self, x: Tensor) -> Tensor:
-        """Validate ``x [..., d_in]`` and flatten it to ``[batch, d_in]`` in the model dtype."""
+    def check_input(self, x: Tensor) -> tuple[Tensor, torch.Size]:
+        """Validate ``x [..., d_in]``; return it flattened to ``[batch, d_in]`` in the model
+        dtype, and its leading shape (to restore on the outputs)."""
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
         if x.dim() == 0 or x.shape[-1] != self.d_in:
@@ -144,7 +154,12 @@ class SAE(HookedRootModule):
         device = self.W_dec_flat.device
         if x.device != device:
             raise ValueError(f"x is on {x.device} but the SAE is on {device}; move one of them")
-        return x.reshape(-1, self.d_in).to(self.W_dec_flat.dtype).contiguous()
+        if self.check_finite_inputs and not torch.compiler.is_compiling() and not torch.isfinite(x).all():
+            raise ValueError(
+                "x contains NaN or inf; clean the activations first "
+                "(or set sae.check_finite_inputs = False to skip this scan)"
+            )
+        return x.reshape(-1, self.d_in).to(self.W_dec_flat.dtype).contiguous(), x.shape[:-1]
 
     # -- persistence -----------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from .. import ops, reference
 from .base import SAE, ForwardOutput, HookPoint, HookedRootModule, SparseCode, parse_dtype, register_architecture
+from .routed import encode_routed
 
 
 @dataclass
@@ -130,25 +131,17 @@ class SwitchSAE(SAE):
 
     def _encode_routed(self, x: Tensor, gates: Tensor, experts: Tensor) -> SparseCode:
         cfg = self.cfg
-        batch = x.shape[0]
-        order, offsets = ops.dispatch(experts.reshape(-1), cfg.n_experts)
-        values, indices = ops.encode_topk(  # [batch * n_active, k] each
-            x, self.encoder_weight(), self.b_enc, self.b_dec, order, offsets, cfg.n_active, cfg.k, cfg.tile_rows
+        return encode_routed(
+            x, self.encoder_weight(), self.b_enc, self.b_dec, gates, experts, cfg.k, cfg.tile_rows
         )
-        gated = values.view(batch, cfg.n_active, cfg.k) * gates.unsqueeze(-1)
-        if cfg.n_active == 1:
-            return SparseCode(gated.view(batch, cfg.k), indices.view(batch, cfg.k))
-        # The global top k lies inside the union of each selected expert's top k.
-        top, pos = torch.topk(gated.view(batch, -1), cfg.k, dim=-1)  # [batch, k]
-        return SparseCode(top, indices.view(batch, -1).gather(1, pos))
 
     def encode(self, x: Tensor) -> SparseCode:
         """``x [..., d_in]`` -> ``SparseCode`` with values/indices of shape ``[..., k]``."""
-        lead = x.shape[:-1]
-        x = self.check_input(x)
+        x, lead = self.check_input(x)
         _, gates, experts = self.route(x)
         code = self._encode_routed(x, gates, experts)
-        return SparseCode(code.values.view(*lead, -1), code.indices.view(*lead, -1))
+        k = self.cfg.k
+        return SparseCode(code.values.view(*lead, k), code.indices.view(*lead, k))
 
     def encode_dense(self, x: Tensor) -> Tensor:
         code = self.encode(x)
@@ -156,22 +149,23 @@ class SwitchSAE(SAE):
         return dense.scatter(-1, code.indices, code.values)
 
     def decode(self, code: SparseCode) -> Tensor:
-        values, indices = code
-        lead = values.shape[:-1]
-        flat = ops.decode(values.reshape(-1, values.shape[-1]), indices.reshape(-1, indices.shape[-1]), self.W_dec_flat)
+        values, indices = code  # [..., k] each
+        lead, k = values.shape[:-1], values.shape[-1]
+        flat = ops.decode(values.reshape(-1, k), indices.reshape(-1, k), self.W_dec_flat)
         return (flat + self.b_dec).view(*lead, self.d_in)
 
     def forward(self, x: Tensor) -> ForwardOutput:
-        lead = x.shape[:-1]
-        x = self.hook_sae_input(self.check_input(x))  # [batch, d_in]
+        x, lead = self.check_input(x)
+        x = self.hook_sae_input(x)  # [batch, d_in]
         probs, gates, experts = self.route(x)
         code = self._encode_routed(x, gates, experts)
         values = self.hook_sae_acts_post(code.values)  # [batch, k]
         x_hat = self.hook_sae_recons(ops.decode(values, code.indices, self.W_dec_flat) + self.b_dec)
+        cfg = self.cfg
         return ForwardOutput(
             x_hat=x_hat.view(*lead, self.d_in),
-            code=SparseCode(values.view(*lead, -1), code.indices.view(*lead, -1)),
+            code=SparseCode(values.view(*lead, cfg.k), code.indices.view(*lead, cfg.k)),
             acts=None,
-            router_probs=probs.view(*lead, -1),
-            experts=experts.view(*lead, -1),
+            router_probs=probs.view(*lead, cfg.n_experts),
+            experts=experts.view(*lead, cfg.n_active),
         )

@@ -1,0 +1,144 @@
+// CPU kernel of switch_sae::encode_topk, the routed encoder: for each expert, the
+// (token, expert) pairs it owns (order[offsets[e]:offsets[e+1]]) are encoded
+// tile_rows at a time: gather (x - b_dec) rows, one ATen GEMM against W_enc[e].T
+// (+ b_enc[e]), TopK(k) sorted descending, ReLU, then scatter the values and global
+// feature ids (e * d_expert + local) to the pairs' rows.
+//
+// Memory: at most tile_rows x (d_in + d_expert + 2k) scratch elements are live; the
+// [rows, d_sae] pre-activations of a dense encoder never exist.
+// Parallelism: comes from the ATen GEMM and TopK, which use the intra-op thread pool
+// themselves; tiles run one after another so the pool is never oversubscribed, and the
+// cheap gather/scatter around them are serial loops (two parallel regions per tile).
+//
+// What it leaves out: routing and gating (the model), the backward (encode_backward.cpp).
+#include <ATen/Dispatch.h>
+#include <ATen/NumericUtils.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "checks.h"
+
+namespace switch_sae {
+namespace {
+
+// ---- kernel
+
+// offsets must describe a split of the rows sorted pairs into n_experts runs.
+void check_offsets_values(const int64_t* offsets, int64_t n_experts, int64_t rows) {
+  TORCH_CHECK(offsets[0] == 0, "switch_sae: offsets[0] must be 0, got ", offsets[0]);
+  for (int64_t e = 0; e < n_experts; ++e) {
+    TORCH_CHECK(offsets[e] <= offsets[e + 1], "switch_sae: offsets must be non-decreasing, got offsets[",
+                e, "] = ", offsets[e], " > offsets[", e + 1, "] = ", offsets[e + 1]);
+  }
+  TORCH_CHECK(offsets[n_experts] == rows, "switch_sae: offsets[n_experts] must equal rows = ", rows,
+              ", got ", offsets[n_experts]);
+}
+
+// order [rows] -> token of each sorted pair [rows]; checks that pair ids are in range.
+std::vector<int64_t> tokens_of_pairs(const at::Tensor& order, int64_t n_active) {
+  const int64_t rows = order.size(0);
+  const int64_t* pairs = order.data_ptr<int64_t>();
+  std::vector<int64_t> tokens(rows);
+  for (int64_t i = 0; i < rows; ++i) {
+    TORCH_CHECK(pairs[i] >= 0 && pairs[i] < rows, "switch_sae: order[", i, "] = ", pairs[i],
+                " is out of range [0, ", rows, ") (rows = batch * n_active)");
+    tokens[i] = pairs[i] / n_active;
+  }
+  return tokens;
+}
+
+// The element-wise steps around the GEMM and the TopK are plain serial loops: they are
+// O(tile * (d_in + k)) next to the GEMM's O(tile * d_in * d_expert), and an ATen call
+// for each would open one more parallel region per tile.
+
+// x_tile[i] = x[tokens[i]] - b_dec, rounded to scalar_t like the reference's x - b_dec.
+template <typename scalar_t>
+void gather_centered(const scalar_t* x, const scalar_t* b_dec, const int64_t* tokens, int64_t n,
+                     int64_t d_in, scalar_t* x_tile) {
+  for (int64_t i = 0; i < n; ++i) {
+    const scalar_t* row = x + tokens[i] * d_in;
+    scalar_t* out = x_tile + i * d_in;
+    for (int64_t d = 0; d < d_in; ++d) {
+      out[d] = row[d] - b_dec[d];
+    }
+  }
+}
+
+// values[pairs[i]] = ReLU(top_values[i]); indices[pairs[i]] = first_feature + top_local[i].
+template <typename scalar_t>
+void scatter_topk(const scalar_t* top_values, const int64_t* top_local, const int64_t* pairs,
+                  int64_t n, int64_t k, int64_t first_feature, scalar_t* values, int64_t* indices) {
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < k; ++j) {
+      const scalar_t v = top_values[i * k + j];
+      // ReLU as at::relu: NaN propagates.
+      values[pairs[i] * k + j] = (v > scalar_t(0) || at::_isnan(v)) ? v : scalar_t(0);
+      indices[pairs[i] * k + j] = first_feature + top_local[i * k + j];
+    }
+  }
+}
+
+// ---- launcher
+
+std::tuple<at::Tensor, at::Tensor> encode_topk_cpu(const at::Tensor& x, const at::Tensor& W_enc,
+                                                   const std::optional<at::Tensor>& b_enc,
+                                                   const at::Tensor& b_dec, const at::Tensor& order,
+                                                   const at::Tensor& offsets, int64_t n_active,
+                                                   int64_t k, int64_t tile_rows) {
+  check_encode_topk_args(x, W_enc, b_enc, b_dec, order, offsets, n_active, k, tile_rows);
+  const int64_t n_experts = W_enc.size(0), d_expert = W_enc.size(1), d_in = x.size(1);
+  const int64_t rows = order.size(0);
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  check_offsets_values(off, n_experts, rows);
+  const std::vector<int64_t> tokens = tokens_of_pairs(order, n_active);  // [rows], sorted order
+  // Pairs not covered by any expert cannot occur after the checks; zeros match the reference.
+  at::Tensor values = at::zeros({rows, k}, x.options());                    // [rows, k]
+  at::Tensor indices = at::zeros({rows, k}, x.options().dtype(at::kLong));  // [rows, k]
+
+  int64_t largest = 0;  // scratch only as large as the busiest expert needs
+  for (int64_t e = 0; e < n_experts; ++e) {
+    largest = std::max(largest, off[e + 1] - off[e]);
+  }
+  const int64_t tile = std::min(tile_rows, largest);
+  at::Tensor x_tile = at::empty({tile, d_in}, x.options());          // [tile, d_in]
+  at::Tensor pre = at::empty({tile, d_expert}, x.options());         // [tile, d_expert]
+  at::Tensor top_values = at::empty({tile, k}, x.options());         // [tile, k]
+  at::Tensor top_local = at::empty({tile, k}, indices.options());    // [tile, k]
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "encode_topk_cpu", [&] {
+    for (int64_t e = 0; e < n_experts; ++e) {
+      const at::Tensor W_t = W_enc[e].t();  // [d_in, d_expert]
+      for (int64_t start = off[e]; start < off[e + 1]; start += tile) {
+        const int64_t n = std::min(tile, off[e + 1] - start);
+        gather_centered<scalar_t>(x.data_ptr<scalar_t>(), b_dec.data_ptr<scalar_t>(),
+                                  tokens.data() + start, n, d_in, x_tile.data_ptr<scalar_t>());
+        const at::Tensor xs = x_tile.narrow(0, 0, n);  // [n, d_in]
+        at::Tensor ps = pre.narrow(0, 0, n);           // [n, d_expert]
+        if (b_enc.has_value()) {
+          at::addmm_out(ps, (*b_enc)[e], xs, W_t);
+        } else {
+          at::mm_out(ps, xs, W_t);
+        }
+        at::Tensor vs = top_values.narrow(0, 0, n), ls = top_local.narrow(0, 0, n);  // [n, k]
+        at::topk_out(vs, ls, ps, k, /*dim=*/-1, /*largest=*/true, /*sorted=*/true);
+        TORCH_INTERNAL_ASSERT(vs.is_contiguous() && ls.is_contiguous());
+        scatter_topk<scalar_t>(vs.data_ptr<scalar_t>(), ls.data_ptr<int64_t>(),
+                               order.data_ptr<int64_t>() + start, n, k, e * d_expert,
+                               values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
+      }
+    }
+  });
+  return {values, indices};
+}
+
+}  // namespace
+
+// ---- registration
+
+TORCH_LIBRARY_IMPL(switch_sae, CPU, m) {
+  m.impl("encode_topk", &encode_topk_cpu);
+}
+
+}  // namespace switch_sae

@@ -1,0 +1,271 @@
+// switch_sae::encode_topk on CUDA, the routed encoder: for the pairs sorted by expert
+// (order/offsets from dispatch), pre = (x[token] - b_dec) @ W_enc[e].T (+ b_enc[e]),
+// then TopK(k) sorted descending, ReLU, global ids e * d_expert + local.
+// CPU twin: csrc/cpu/encode_topk.cpp (same tiles of tile_rows sorted pairs, same order
+// of operations: gather and centre, GEMM, bias, TopK, ReLU, scatter).
+//
+// Two GEMM paths, the same everywhere else:
+//   grouped (no host sync): tiles of tile_rows consecutive sorted positions, which may
+//     span several experts; one at::_grouped_mm per tile with the tile's group ends
+//     (offsets clamped to the tile, int32) computed on the device. Used where torch's
+//     fast CUTLASS kernel runs: bf16 on compute capability 9.x/10.x, n_experts < 1024,
+//     d_in % 8 == 0 and a 16-byte aligned W_enc (torch's GroupedBlas.cpp and
+//     GroupMM.cu: anywhere else _grouped_mm copies offsets to the host itself).
+//   per expert (one host sync per call): offsets are copied to the host once, then each
+//     expert's sorted rows are encoded tile_rows at a time with at::mm against
+//     W_enc[e].T, as on the CPU. Used for fp32, fp16, fp64, other GPUs, and whenever
+//     SWITCH_SAE_DISABLE_GROUPED_MM=1 (so GPU tests can run both paths on one device).
+// Either way at most tile_rows x d_expert pre-activations exist at once: no
+// [rows, d_sae] (nor [rows, d_expert]) tensor is materialised.
+//
+// Kernels here (all 256 threads per block, grid-stride, grid capped at 2^16 blocks):
+//   check_routing_kernel: 1 block; device asserts that offsets split [0, rows).
+//   gather_centered_kernel: one thread per element of the [n, d_in] tile.
+//   add_expert_bias_kernel: one block per tile row (pre may have a padded row stride).
+//   scatter_topk_kernel: one thread per element of the [n, k] TopK result.
+// TopK itself is at::topk (radix select, no host sync).
+// Memory traffic per tile of n rows: gather reads n * d_in x elements + n order ids and
+// writes n * d_in; the GEMM reads the tile and d_expert * d_in W_enc elements per expert
+// it spans, writes n * d_expert; TopK reads n * d_expert a few times (radix passes);
+// bias reads/writes n * d_expert; scatter moves n * k values and ids. In all about
+// rows * (2 d_in + ~4 d_expert) elements + (n_tiles + n_experts) * d_expert * d_in
+// weights, against rows * d_expert * d_in multiply-adds.
+#include "common.cuh"
+
+#include <cstdlib>
+#include <string>
+
+namespace switch_sae::cuda {
+namespace {
+
+// offsets must split the rows sorted pairs into n_experts runs (the CPU checks the same
+// with TORCH_CHECKs; here the data is on the device).
+__global__ void check_routing_kernel(const int64_t* __restrict__ offsets, int64_t n_experts,
+                                     int64_t rows) {
+  if (threadIdx.x == 0) {
+    CUDA_KERNEL_ASSERT_MSG(offsets[0] == 0 && offsets[n_experts] == rows,
+                           "switch_sae: offsets must start at 0 and end at rows = batch * "
+                           "n_active");
+  }
+  for (int64_t e = threadIdx.x; e < n_experts; e += blockDim.x) {
+    CUDA_KERNEL_ASSERT_MSG(offsets[e] <= offsets[e + 1], "switch_sae: offsets must be non-decreasing");
+  }
+}
+
+// out [n, d_in] = x[order[start + r] / n_active] - b_dec, rounded to x's dtype as in the
+// reference's (x - b_dec).
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    gather_centered_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ b_dec,
+                           const int64_t* __restrict__ order, int64_t start, int64_t n,
+                           int64_t d_in, int64_t n_active, int64_t rows,
+                           scalar_t* __restrict__ out) {
+  using acc = acc_t<scalar_t>;
+  const int64_t total = n * d_in;
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  bool out_of_range = false;  // asserted once at the end, away from the hot loop
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const int64_t r = i / d_in, c = i % d_in;
+    const int64_t pair = order[start + r];
+    if (pair < 0 || pair >= rows) {
+      out_of_range = true;
+      continue;
+    }
+    out[i] = static_cast<scalar_t>(static_cast<acc>(x[(pair / n_active) * d_in + c]) -
+                                   static_cast<acc>(b_dec[c]));
+  }
+  CUDA_KERNEL_ASSERT_MSG(!out_of_range,
+                         "switch_sae: order out of range [0, rows = batch * n_active)");
+}
+
+// pre[r, :] += b_enc[expert of sorted position start + r], rounded like ATen's add.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    add_expert_bias_kernel(scalar_t* __restrict__ pre, int64_t ld, int64_t n, int64_t d_expert,
+                           const scalar_t* __restrict__ b_enc, const int64_t* __restrict__ offsets,
+                           int64_t n_experts, int64_t start) {
+  using acc = acc_t<scalar_t>;
+  for (int64_t r = blockIdx.x; r < n; r += gridDim.x) {
+    // Every thread finds the same expert: broadcast loads, log2(n_experts) of them.
+    const int64_t e = expert_of_position(offsets, n_experts, start + r);
+    for (int64_t c = threadIdx.x; c < d_expert; c += blockDim.x) {
+      scalar_t& p = pre[r * ld + c];
+      p = static_cast<scalar_t>(static_cast<acc>(p) + static_cast<acc>(b_enc[e * d_expert + c]));
+    }
+  }
+}
+
+// values[pair, j] = relu(top_values[r, j]), indices[pair, j] = e * d_expert + top_local[r, j]
+// for pair = order[start + r] and e its expert.
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    scatter_topk_kernel(const scalar_t* __restrict__ top_values,
+                        const int64_t* __restrict__ top_local, const int64_t* __restrict__ order,
+                        const int64_t* __restrict__ offsets, int64_t n_experts, int64_t d_expert,
+                        int64_t start, int64_t n, int64_t k, int64_t rows,
+                        scalar_t* __restrict__ values, int64_t* __restrict__ indices) {
+  const int64_t total = n * k;
+  const int64_t stride = int64_t{gridDim.x} * blockDim.x;
+  for (int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; i < total; i += stride) {
+    const int64_t r = i / k, j = i % k;
+    const int64_t pair = order[start + r];
+    if (pair < 0 || pair >= rows) {
+      continue;  // already asserted by gather_centered_kernel
+    }
+    const int64_t e = expert_of_position(offsets, n_experts, start + r);
+    const scalar_t v = top_values[i];
+    // v < 0 rather than !(v > 0): a NaN stays NaN, as with torch.relu.
+    values[pair * k + j] = static_cast<acc_t<scalar_t>>(v) < 0 ? scalar_t(0) : v;
+    indices[pair * k + j] = e * d_expert + top_local[i];
+  }
+}
+
+// Everything encode_topk needs, so the two GEMM paths share one finishing routine.
+struct EncodeArgs {
+  const at::Tensor& x;                  // [batch, d_in]
+  const at::Tensor& W_enc;              // [n_experts, d_expert, d_in]
+  const std::optional<at::Tensor>& b_enc;  // [n_experts, d_expert] or None
+  const at::Tensor& b_dec;              // [d_in]
+  const at::Tensor& order;              // [rows]
+  const at::Tensor& offsets;            // [n_experts + 1]
+  int64_t n_active, k, tile_rows;
+  at::Tensor values;                    // [rows, k] output
+  at::Tensor indices;                   // [rows, k] output
+};
+
+// x_tile [n, d_in] <- centred x rows of sorted positions [start, start + n).
+void gather_centered(const EncodeArgs& a, at::Tensor& x_tile, int64_t start) {
+  const int64_t n = x_tile.size(0), d_in = x_tile.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, a.x.scalar_type(), "switch_sae_gather_centered", [&] {
+        gather_centered_kernel<scalar_t>
+            <<<grid_for(n * d_in, kThreads), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+                a.x.data_ptr<scalar_t>(), a.b_dec.data_ptr<scalar_t>(),
+                a.order.data_ptr<int64_t>(), start, n, d_in, a.n_active, a.order.size(0),
+                x_tile.data_ptr<scalar_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+// pre [n, d_expert] (unit column stride, any row stride) of sorted positions
+// [start, start + n) -> bias, TopK, ReLU, scatter into a.values / a.indices.
+void finish_tile(const EncodeArgs& a, at::Tensor& pre, int64_t start) {
+  const int64_t n = pre.size(0), d_expert = pre.size(1);
+  const int64_t n_experts = a.W_enc.size(0);
+  TORCH_INTERNAL_ASSERT(pre.stride(1) == 1, "switch_sae: GEMM output must have unit column stride");
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (a.b_enc.has_value()) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, pre.scalar_type(), "switch_sae_add_expert_bias", [&] {
+          add_expert_bias_kernel<scalar_t><<<grid_for(n, 1), kThreads, 0, stream>>>(
+              pre.data_ptr<scalar_t>(), pre.stride(0), n, d_expert,
+              a.b_enc->data_ptr<scalar_t>(), a.offsets.data_ptr<int64_t>(), n_experts, start);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+  }
+  const auto [top_values, top_local] =
+      at::topk(pre, a.k, /*dim=*/1, /*largest=*/true, /*sorted=*/true);  // [n, k] each
+  const auto top_v = top_values.contiguous();
+  const auto top_i = top_local.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kBFloat16, at::kHalf, pre.scalar_type(), "switch_sae_scatter_topk", [&] {
+        scatter_topk_kernel<scalar_t><<<grid_for(n * a.k, kThreads), kThreads, 0, stream>>>(
+            top_v.data_ptr<scalar_t>(), top_i.data_ptr<int64_t>(), a.order.data_ptr<int64_t>(),
+            a.offsets.data_ptr<int64_t>(), n_experts, d_expert, start, n, a.k, a.order.size(0),
+            a.values.data_ptr<scalar_t>(), a.indices.data_ptr<int64_t>());
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+}
+
+// Whether at::_grouped_mm would take its fast, sync-free CUTLASS path for these inputs
+// (its conditions in torch 2.10-2.14); otherwise it loops over groups with offsets
+// copied to the host, and our per-expert path does the same with one copy per call.
+bool grouped_mm_is_fast(const at::Tensor& x, const at::Tensor& W_enc) {
+  const char* disabled = std::getenv("SWITCH_SAE_DISABLE_GROUPED_MM");
+  if (disabled != nullptr && std::string(disabled) == "1") {
+    return false;
+  }
+  if (x.scalar_type() != at::kBFloat16) {
+    return false;
+  }
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                        x.device().index()));
+  const bool sm9x_or_sm10x = major == 9 || major == 10;
+  const bool aligned = reinterpret_cast<uintptr_t>(W_enc.data_ptr()) % 16 == 0;
+  return sm9x_or_sm10x && W_enc.size(0) < 1024 && x.size(1) % 8 == 0 && aligned;
+}
+
+void encode_grouped(const EncodeArgs& a) {
+  const int64_t rows = a.order.size(0), d_in = a.x.size(1), n_experts = a.W_enc.size(0);
+  const auto W_t = a.W_enc.transpose(1, 2);  // [n_experts, d_in, d_expert], column-major
+  const auto group_ends = a.offsets.narrow(0, 1, n_experts);  // [n_experts]
+  auto x_buffer = at::empty({std::min(a.tile_rows, rows), d_in}, a.x.options());
+  for (int64_t start = 0; start < rows; start += a.tile_rows) {
+    const int64_t n = std::min(a.tile_rows, rows - start);
+    auto x_tile = x_buffer.narrow(0, 0, n);  // [n, d_in]
+    gather_centered(a, x_tile, start);
+    // Group ends relative to the tile and clamped to it: experts before the tile end at 0
+    // and experts after it start at n, so both are empty groups. Computed on the device.
+    const auto tile_ends = (group_ends - start).clamp(0, n).to(at::kInt);  // [n_experts]
+    auto pre = at::_grouped_mm(x_tile, W_t, tile_ends);  // [n, d_expert], padded row stride
+    finish_tile(a, pre, start);
+  }
+}
+
+void encode_per_expert(const EncodeArgs& a) {
+  const int64_t rows = a.order.size(0), d_in = a.x.size(1), n_experts = a.W_enc.size(0);
+  // Known host sync point (once per call): the per-expert row counts decide the GEMM
+  // shapes. Bounds are clamped to [0, rows] so bad offsets cannot make us read outside
+  // order; check_routing_kernel has already asserted on them.
+  const auto offsets_host = a.offsets.to(at::kCPU);
+  const int64_t* off = offsets_host.data_ptr<int64_t>();
+  auto x_buffer = at::empty({std::min(a.tile_rows, rows), d_in}, a.x.options());
+  for (int64_t e = 0; e < n_experts; ++e) {
+    const int64_t begin = std::clamp<int64_t>(off[e], 0, rows);
+    const int64_t end = std::clamp<int64_t>(off[e + 1], begin, rows);
+    const auto W_t = a.W_enc[e].t();  // [d_in, d_expert]
+    for (int64_t start = begin; start < end; start += a.tile_rows) {
+      const int64_t n = std::min(a.tile_rows, end - start);
+      auto x_tile = x_buffer.narrow(0, 0, n);  // [n, d_in]
+      gather_centered(a, x_tile, start);
+      auto pre = at::mm(x_tile, W_t);  // [n, d_expert]
+      finish_tile(a, pre, start);
+    }
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> encode_topk_cuda(const at::Tensor& x, const at::Tensor& W_enc,
+                                                    const std::optional<at::Tensor>& b_enc,
+                                                    const at::Tensor& b_dec,
+                                                    const at::Tensor& order,
+                                                    const at::Tensor& offsets, int64_t n_active,
+                                                    int64_t k, int64_t tile_rows) {
+  check_encode_topk_args(x, W_enc, b_enc, b_dec, order, offsets, n_active, k, tile_rows);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const int64_t rows = order.size(0);
+  // Zeros, as on the CPU, so a pair that no expert covers (a bad order) reads as empty.
+  EncodeArgs a{x,        W_enc,     b_enc,
+               b_dec,    order,     offsets,
+               n_active, k,         tile_rows,
+               at::zeros({rows, k}, x.options()), at::zeros({rows, k}, order.options())};
+  if (rows == 0) {
+    return {a.values, a.indices};
+  }
+  check_routing_kernel<<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      offsets.data_ptr<int64_t>(), W_enc.size(0), rows);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (grouped_mm_is_fast(x, W_enc)) {
+    encode_grouped(a);
+  } else {
+    encode_per_expert(a);
+  }
+  return {a.values, a.indices};
+}
+
+}  // namespace
+}  // namespace switch_sae::cuda
+
+TORCH_LIBRARY_IMPL(switch_sae, CUDA, m) {
+  m.impl("encode_topk", &switch_sae::cuda::encode_topk_cuda);
+}

@@ -1,0 +1,46 @@
+"""Language-model activations for SAEs: text -> token contexts -> hook activations -> batches.
+
+``text`` makes fixed-length token contexts from strings, files or HF datasets; ``harvest``
+runs a TransformerLens model up to the hook and returns the activations; ``buffer``
+shuffles them into training batches; ``cache`` stores them on disk for reuse;
+``default_model`` provides a real model and text that work offline.
+"""
+
+from .buffer import ShufflingBuffer
+from .cache import ActivationCache, CacheSpec, CacheWriter, build_cache
+from .default_model import (
+    DEFAULT_HOOK,
+    DEFAULT_MODEL_NAME,
+    default_model_available,
+    default_text_available,
+    default_text_files,
+    load_default_model,
+    load_model,
+)
+from .harvest import harvest, hook_d_in, hook_layer, iter_activations, stop_layer
+from .text import batched, bos_settings, iter_contexts, iter_documents, load_tokens
+
+__all__ = [
+    "ActivationCache",
+    "CacheSpec",
+    "CacheWriter",
+    "DEFAULT_HOOK",
+    "DEFAULT_MODEL_NAME",
+    "ShufflingBuffer",
+    "batched",
+    "bos_settings",
+    "build_cache",
+    "default_model_available",
+    "default_text_available",
+    "default_text_files",
+    "harvest",
+    "hook_d_in",
+    "hook_layer",
+    "iter_activations",
+    "iter_contexts",
+    "iter_documents",
+    "load_default_model",
+    "load_model",
+    "load_tokens",
+    "stop_layer",
+]

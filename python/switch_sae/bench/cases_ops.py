@@ -1,0 +1,105 @@
+"""Kernel-level cases: the routed encoder GEMM limit, the machine's GEMM rate, and each
+custom op against its reference twin.
+
+* ``routed_gemm_limit``: ``torch.mm`` of ``[batch, d_in] x [d_in, d_expert]``, the only
+  dense work a routed training step cannot avoid (``2 * batch * d_in * d_expert`` FLOPs).
+* ``gemm_peak``: a square ``torch.mm`` (the machine's GEMM rate in GFLOP/s).
+* ``op_<name>``: ``ops.<name>`` (``variant="switch_sae"``, the compiled kernel when the
+  extension is loaded) and ``reference.<name>`` (``variant="reference"``) on the inputs a
+  real step at these shapes feeds them; the outputs are compared before timing.
+
+What it leaves out: the full training step (``cases_train.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .. import ops, reference
+from .cases_train import switch_model
+from .measure import ValidationError, check_close, peak_memory, time_calls
+
+OP_NAMES = ("dispatch", "encode_topk", "decode", "decode_backward", "encode_backward")
+
+
+def gemm_record(a: Tensor, b: Tensor, timing: dict) -> dict:
+    """Validate ``a @ b`` against float64, time it, and report GFLOP/s."""
+    want = a.double() @ b.double()
+    err = check_close("torch.mm", torch.mm(a, b), want, rtol=1e-4, atol=1e-4)
+    stats = time_calls(lambda: torch.mm(a, b), **timing)
+    flops = 2 * a.shape[0] * a.shape[1] * b.shape[1]
+    return {**stats, **peak_memory(lambda: torch.mm(a, b)), "flops": flops,
+            "gflops": flops / stats["median_ms"] / 1e6,
+            "validation": {"against": "float64 matmul", "max_abs_err": err}}
+
+
+def gemm_records(spec: dict, timing: dict) -> list[dict]:
+    """``routed_gemm_limit`` per expert count, then ``gemm_peak``."""
+    g = torch.Generator().manual_seed(spec["seed"])
+    x = torch.randn(spec["batch"], spec["d_in"], generator=g)  # [batch, d_in]
+    records = []
+    for n_experts in spec["sweep"]:
+        d_expert = spec["d_sae"] // n_experts
+        W = torch.randn(d_expert, spec["d_in"], generator=g)  # [d_expert, d_in], the layout of W_enc[e]
+        rec = gemm_record(x, W.T, timing)
+        records.append({"name": "routed_gemm_limit", "n_experts": n_experts, "d_expert": d_expert, **rec})
+    n = spec["gemm_peak_size"]
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    records.append({"name": "gemm_peak", "variant": f"{n}x{n}x{n}", "n_experts": None, **gemm_record(a, b, timing)})
+    return records
+
+
+def op_inputs(spec: dict, n_experts: int) -> dict[str, tuple]:
+    """Arguments of every op as one training step at these shapes produces them."""
+    g = torch.Generator().manual_seed(spec["seed"])
+    model = switch_model(spec["d_in"], spec["d_sae"], n_experts, spec["k"])
+    k = spec["k"]
+    x = torch.randn(spec["batch"], spec["d_in"], generator=g)  # [batch, d_in]
+    with torch.no_grad():
+        _, _, experts = model.route(x)  # [batch, 1]
+        W_enc, W_dec = model.encoder_weight().detach(), model.W_dec_flat.detach()
+        b_dec = model.b_dec.detach()
+        order, offsets = reference.dispatch(experts.reshape(-1), n_experts)
+        values, indices = reference.encode_topk(x, W_enc, None, b_dec, order, offsets, 1, k, model.cfg.tile_rows)
+    grad_out = torch.randn(spec["batch"], spec["d_in"], generator=g)  # [batch, d_in]
+    grad_values = torch.randn(spec["batch"], k, generator=g)  # [batch, k]
+    return {
+        "dispatch": (experts.reshape(-1), n_experts),
+        "encode_topk": (x, W_enc, None, b_dec, order, offsets, 1, k, model.cfg.tile_rows),
+        "decode": (values, indices, W_dec),
+        "decode_backward": (grad_out, values, indices, W_dec),
+        "encode_backward": (grad_values, values, indices, x, W_enc, b_dec, 1),
+    }
+
+
+def as_tuple(out: Tensor | tuple) -> tuple[Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def validate_op(name: str, fn: Callable, args: tuple) -> dict:
+    """Compare every output of ``fn(*args)`` with ``reference.<name>(*args)``."""
+    got, want = as_tuple(fn(*args)), as_tuple(getattr(reference, name)(*args))
+    if len(got) != len(want):
+        raise ValidationError(f"{name}: {len(got)} outputs, the reference has {len(want)}")
+    errors = [check_close(f"{name} output {i}", a, b) for i, (a, b) in enumerate(zip(got, want))]
+    return {"against": f"reference.{name}", "max_abs_err": max(errors)}
+
+
+def op_records(spec: dict, timing: dict) -> list[dict]:
+    """``op_<name>`` records (ours and reference) for every op at every expert count."""
+    records = []
+    for n_experts in spec["sweep"]:
+        inputs = op_inputs(spec, n_experts)
+        for name in OP_NAMES:
+            args = inputs[name]
+            for variant, fn in (("switch_sae", getattr(ops, name)), ("reference", getattr(reference, name))):
+                validation = (validate_op(name, fn, args) if variant == "switch_sae"
+                              else {"against": "itself (it is the reference)"})
+                stats = time_calls(lambda: fn(*args), **timing)
+                records.append({"name": f"op_{name}", "variant": variant, "n_experts": n_experts,
+                                "d_expert": spec["d_sae"] // n_experts, **stats,
+                                **peak_memory(lambda: fn(*args)), "validation": validation})
+    return records

@@ -1,0 +1,61 @@
+"""Where a benchmark ran: the machine and the library versions, stored with every record.
+
+What it leaves out: GPU details beyond the device name (CUDA benchmarks are not run on
+this machine's default configuration).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+PEER_DISTRIBUTIONS = ("sae-lens", "dictionary-learning", "transformer-lens")
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name (``/proc/cpuinfo`` on Linux, ``platform`` elsewhere)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """CPU model, logical cores, torch threads, memory, OS and CPU ISA torch dispatches to."""
+    try:
+        mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        mem_gb = None
+    return {
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "memory_gb": round(mem_gb, 1) if mem_gb else None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "platform": platform.platform(),
+        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+
+def dist_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def versions() -> dict:
+    """Versions of python, torch, switch_sae (and whether its compiled ops are loaded), peers."""
+    from .. import __version__, ops
+
+    found = {"python": platform.python_version(), "torch": torch.__version__,
+             "switch_sae": __version__, "switch_sae_extension": ops.HAS_EXTENSION}
+    for name in PEER_DISTRIBUTIONS:
+        found[name] = dist_version(name)
+    return found

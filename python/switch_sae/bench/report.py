@@ -1,0 +1,115 @@
+"""Human-readable views of benchmark records: the per-record table and the ratio table
+that issue 8's targets are judged on.
+
+Targets: (1) at n_experts 16 and 64 the step is >= 0.5 * n_experts times faster than the
+dense-and-mask reference, and faster than sae-lens's width-matched TopK by a similar
+factor; (2) the step takes <= 1.5x its routed encoder GEMM alone; (3) step memory does not
+grow with batch * d_sae (compare peak_mb with the dense-and-mask reference's).
+
+What it leaves out: plots (``plot.py``).
+"""
+
+from __future__ import annotations
+
+
+def find(records: list[dict], name: str, n_experts: int | None = None, variant: str | None = None) -> dict | None:
+    """The first ``ok`` record with this name (and expert count / variant when given)."""
+    for r in records:
+        if (r["name"] == name and r.get("status") == "ok"
+                and (n_experts is None or r.get("n_experts") == n_experts)
+                and (variant is None or r.get("variant") == variant)):
+            return r
+    return None
+
+
+def _ms(record: dict | None) -> float | None:
+    return None if record is None else record["median_ms"]
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a / b
+
+
+def ratios(records: list[dict]) -> list[dict]:
+    """One row per expert count: our step time against every alternative."""
+    rows = []
+    experts = sorted({r["n_experts"] for r in records if r["name"] == "switch_sae" and r.get("n_experts")})
+    for n in experts:
+        ours = find(records, "switch_sae", n)
+        dense = find(records, "dense_mask_reference", n)
+        gemm = find(records, "routed_gemm_limit", n)
+        row = {
+            "n_experts": n,
+            "switch_sae_ms": _ms(ours),
+            "dense_mask_ms": _ms(dense),
+            "speedup_vs_dense_mask": _ratio(_ms(dense), _ms(ours)),
+            "target_speedup": 0.5 * n,
+            "routed_gemm_ms": _ms(gemm),
+            "step_over_gemm": _ratio(_ms(ours), _ms(gemm)),
+            "switch_sae_peak_mb": ours and ours.get("peak_mb"),
+            "dense_mask_peak_mb": dense and dense.get("peak_mb"),
+        }
+        for peer in ("saelens_topk", "dictlearning_topk"):
+            row[f"speedup_vs_{peer}_width"] = _ratio(_ms(find(records, peer, None, "width_matched")), _ms(ours))
+            flop = find(records, peer, n, "flop_matched")
+            row[f"speedup_vs_{peer}_flop"] = _ratio(_ms(flop), _ms(ours))
+        rows.append(row)
+    return rows
+
+
+def _fmt(value, spec: str = ".3g") -> str:
+    if value is None:
+        return "-"
+    return format(value, spec) if isinstance(value, float) else str(value)
+
+
+def records_table(records: list[dict]) -> str:
+    """Markdown table: one line per record."""
+    lines = ["| name | variant | n_experts | d_sae | median ms [q25, q75] | peak MB | extra | status |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        if r.get("status") == "ok":
+            timing = f"{r['median_ms']:.4g} [{r['q25_ms']:.4g}, {r['q75_ms']:.4g}]"
+            extra = (f"{r['gflops']:.1f} GFLOP/s" if "gflops" in r
+                     else f"{r['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in r else "")
+        else:
+            timing, extra = "-", r.get("error", "")[:80]
+        lines.append(f"| {r['name']} | {r.get('variant') or ''} | {_fmt(r.get('n_experts'))} | {_fmt(r.get('d_sae'))} "
+                     f"| {timing} | {_fmt(r.get('peak_mb'), '.1f')} | {extra} | {r.get('status')} |")
+    return "\n".join(lines)
+
+
+def ratio_table(records: list[dict]) -> str:
+    """Markdown table of the ratios the targets are judged on."""
+    lines = ["| n_experts | ours ms | dense-mask ms | speed-up (target) | vs sae-lens width | vs sae-lens FLOP "
+             "| vs dict-learning width | step / routed GEMM (target <= 1.5) | peak MB ours / dense-mask |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for row in ratios(records):
+        lines.append(
+            f"| {row['n_experts']} | {_fmt(row['switch_sae_ms'], '.4g')} | {_fmt(row['dense_mask_ms'], '.4g')} "
+            f"| {_fmt(row['speedup_vs_dense_mask'], '.2f')} (>= {row['target_speedup']:g}) "
+            f"| {_fmt(row['speedup_vs_saelens_topk_width'], '.2f')} | {_fmt(row['speedup_vs_saelens_topk_flop'], '.2f')} "
+            f"| {_fmt(row['speedup_vs_dictlearning_topk_width'], '.2f')} | {_fmt(row['step_over_gemm'], '.2f')} "
+            f"| {_fmt(row['switch_sae_peak_mb'], '.0f')} / {_fmt(row['dense_mask_peak_mb'], '.0f')} |")
+    return "\n".join(lines)
+
+
+def phase_table(records: list[dict]) -> str:
+    """Where a training step's time goes: forward / backward / optimiser per implementation."""
+    lines = ["| name | variant | n_experts | forward ms | backward ms | optimizer ms |", "|---|---|---|---|---|---|"]
+    for r in records:
+        if r.get("status") == "ok" and "phases_ms" in r:
+            p = r["phases_ms"]
+            lines.append(f"| {r['name']} | {r.get('variant') or ''} | {_fmt(r.get('n_experts'))} | {p['forward']:.4g} "
+                         f"| {p['backward']:.4g} | {p['optimizer']:.4g} |")
+    return "\n".join(lines)
+
+
+def machine_line(records: list[dict]) -> str:
+    """One sentence naming the machine and versions the records came from."""
+    if not records:
+        return ""
+    m, v = records[0]["machine"], records[0]["versions"]
+    return (f"{m['cpu']}, {m['logical_cores']} logical cores, {m['torch_threads']} torch threads, "
+            f"{m['memory_gb']} GB, {m['cpu_capability']}; torch {v['torch']}, switch_sae {v['switch_sae']} "
+            f"(compiled ops: {v['switch_sae_extension']})")

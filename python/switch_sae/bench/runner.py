@@ -1,0 +1,144 @@
+"""Plan a benchmark run, run each case (in a fresh process by default), write the results.
+
+``run(cfg)`` returns the list of records and writes ``<out>/latest.json`` (that list),
+``<out>/summary.md`` (the tables of ``report.py``) and the PNG plots of ``plot.py``.
+Training steps of sae-lens / dictionary-learning run with ``peer_path`` first on the
+import path, so they can live in a separate ``pip install --target`` folder when their
+dependencies (an older TransformerLens, a different torch) clash with this environment.
+
+What it leaves out: what each case measures (``cases_*.py``, ``worker.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from ..cli_args import add_dataclass_arguments, dataclass_from_args, explicit_fields
+from ..io import atomic_write, atomic_write_json
+from . import report
+from .config import QUICK, BenchConfig
+from .plot import plot_all
+from .worker import RESULT_MARK, run_case
+
+PEERS = ("saelens_topk", "dictlearning_topk")
+CASE_TIMEOUT_S = 3600
+
+
+def plan(cfg: BenchConfig) -> list[dict]:
+    """Case specs of a run, in the order they will run."""
+    common = {**dataclasses.asdict(cfg), "sweep": cfg.n_experts, "gemm_peak_size": 128 if cfg.quick else 2048}
+    specs = []
+    if "train" in cfg.cases:
+        for n in cfg.n_experts:
+            for impl in ("switch_sae", "dense_mask_reference"):
+                specs.append({**common, "family": "train", "name": impl, "impl": impl, "variant": None, "n_experts": n})
+        if cfg.peers:
+            for impl in PEERS:
+                specs.append({**common, "family": "train", "name": impl, "impl": impl,
+                              "variant": "width_matched", "n_experts": None})
+                for n in cfg.n_experts:
+                    if n > 1:  # at n_experts = 1 one expert's width is the full width
+                        specs.append({**common, "family": "train", "name": impl, "impl": impl,
+                                      "variant": "flop_matched", "n_experts": n, "d_sae": cfg.d_sae // n})
+    for family in ("gemm", "ops", "harvest"):
+        if family in cfg.cases:
+            specs.append({**common, "family": family, "name": family, "variant": None, "n_experts": None})
+    return specs
+
+
+def peer_path(cfg: BenchConfig) -> str:
+    return cfg.peer_path or os.environ.get("SWITCH_SAE_BENCH_PEERS", "")
+
+
+def run_in_subprocess(spec: dict, extra_path: str) -> list[dict]:
+    """Run ``spec`` in a fresh interpreter that imports this same switch_sae."""
+    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding switch_sae/
+    paths = [p for p in (extra_path, package_root, os.environ.get("PYTHONPATH", "")) if p]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    proc = subprocess.run([sys.executable, "-m", "switch_sae.bench.worker", json.dumps(spec)],
+                          capture_output=True, text=True, env=env, timeout=CASE_TIMEOUT_S)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith(RESULT_MARK):
+            return json.loads(line[len(RESULT_MARK):])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+    return [{"name": spec["name"], "variant": spec.get("variant"), "n_experts": spec.get("n_experts"),
+             "status": "failed", "error": f"worker exited with code {proc.returncode}: " + " | ".join(tail)}]
+
+
+def run(cfg: BenchConfig, *, echo=print) -> list[dict]:
+    """Run every planned case, write results into ``cfg.out``, and return the records."""
+    records: list[dict] = []
+    specs = plan(cfg)
+    for i, spec in enumerate(specs, 1):
+        label = f"{spec['name']} {spec.get('variant') or ''} n_experts={spec.get('n_experts')}"
+        echo(f"[{i}/{len(specs)}] {label}")
+        if cfg.subprocess:
+            extra = peer_path(cfg) if spec.get("impl") in PEERS else ""
+            new = run_in_subprocess(spec, extra)
+        else:
+            new = run_case(spec)
+        for r in new:
+            status = f"{r['median_ms']:.4g} ms" if r.get("status") == "ok" else f"{r['status']}: {r.get('error', '')}"
+            echo(f"    {r['name']} {r.get('variant') or ''} n_experts={r.get('n_experts')}: {status}")
+        records.extend(new)
+    write_results(records, Path(cfg.out))
+    return records
+
+
+def summary(records: list[dict]) -> str:
+    peers = {r["name"]: r["versions"].get("sae-lens" if r["name"] == "saelens_topk" else "dictionary-learning")
+             for r in records if r["name"] in PEERS and r.get("status") == "ok"}
+    return "\n\n".join([
+        "# switch_sae benchmark results",
+        f"Machine: {report.machine_line(records)}" + (f"; peers: {peers}" if peers else ""),
+        "## Ratios (issue 8 targets)", report.ratio_table(records),
+        "## Training step by phase", report.phase_table(records),
+        "## All records", report.records_table(records),
+    ]) + "\n"
+
+
+def write_results(records: list[dict], folder: Path) -> None:
+    atomic_write_json(records, folder / "latest.json")
+    text = summary(records)
+    atomic_write(folder / "summary.md", lambda tmp: Path(tmp).write_text(text))
+    plot_all(records, folder)
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """``BenchConfig`` from parsed options; ``--quick`` fills the options not given with QUICK."""
+    if getattr(args, "quick", False):
+        given = explicit_fields(BenchConfig, args)
+        return BenchConfig(**{**QUICK, **given})
+    return dataclass_from_args(BenchConfig, args)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``switch-sae bench`` / ``benchmarks/run.py`` (one per BenchConfig field)."""
+    add_dataclass_arguments(parser, BenchConfig)
+
+
+def run_benchmarks(args: argparse.Namespace | BenchConfig | None = None) -> list[dict]:
+    """Entry point for the CLI: run the benchmarks, print the tables, return the records."""
+    cfg = args if isinstance(args, BenchConfig) else config_from_args(args or argparse.Namespace())
+    records = run(cfg)
+    print(json.dumps(records, indent=1))
+    print(summary(records))
+    print(f"results: {Path(cfg.out) / 'latest.json'}")
+    return records
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description="Time switch_sae against the alternatives (issue 8).")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+    return run_benchmarks(cfg)

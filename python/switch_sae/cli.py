@@ -1,0 +1,256 @@
+"""The ``switch-sae`` command (also ``python -m switch_sae``): train | eval | analyze | bench | demo.
+
+Options are derived from the config dataclasses (``cli_args``), so ``switch-sae <command>
+--help`` documents every field with its docstring and default:
+
+- ``demo``: the main job (``demo.DemoConfig``): TopK vs FLOP- and width-matched Switch SAEs.
+- ``train ARCH``: one SAE of architecture ARCH (``DataConfig`` + the architecture's config
+  + ``TrainConfig``) into a run folder (``sae/``, ``checkpoints/``, ``metrics.jsonl``,
+  ``eval.json``).
+- ``eval SAE_DIR...``: evaluate saved SAEs on held-out tokens, print and save the metrics.
+- ``analyze RUN_DIR...``: geometry, FLOPs and plots of saved runs (``evals.report``).
+- ``bench``: time the ops and training steps against the alternatives (``bench``).
+
+A bad option or a missing input exits with code 2 and a one-line message (no traceback);
+Ctrl-C exits with 130 after the trainer has written a checkpoint, and says how to resume.
+
+What it leaves out: the work itself, which lives in the modules each command calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from .cli_args import add_dataclass_arguments, dataclass_from_args
+from .demo import DemoConfig
+from .models.base import _REGISTRY
+from .pipeline import DataConfig
+from .training import TrainConfig
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+# Fields a command fills in itself (from the data or its own options), so they are not options.
+SAE_FILLED = ("d_in", "device", "hook_name", "model_name")
+TRAIN_FILLED = ("total_steps", "run_dir", "progress", "seed")
+EVAL_UNUSED = ("train_tokens", "epochs", "batch_size", "cache_activations")
+
+
+class UsageError(Exception):
+    """The arguments or the inputs of a command are wrong; reported without a traceback."""
+
+
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Turn the errors that validating configs and inputs raises into ``UsageError``."""
+    from .training import CheckpointError
+
+    try:
+        yield
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, CheckpointError) as err:
+        raise UsageError(str(err)) from err
+
+
+# ------------------------------------------------------------------ demo
+
+
+def add_demo(commands: Any) -> None:
+    parser = commands.add_parser(
+        "demo", help="the main job: TopK vs FLOP- and width-matched Switch SAEs, table + report",
+        description="Harvest activations from a model (default: the embedded SmolLM2-135M, no internet "
+        "needed), train a TopK SAE and FLOP-matched and width-matched Switch SAEs on the same batches, "
+        "evaluate them on the same held-out tokens, print a comparison table and write a report with plots. "
+        "Sizes left unset come from --preset.",
+    )
+    add_dataclass_arguments(parser, DemoConfig, title="demo options")
+    parser.set_defaults(handler=run_demo_command)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from .demo import execute_demo, prepare_demo
+
+    with usage_errors():
+        cfg = prepare_demo(dataclass_from_args(DemoConfig, args))
+    args.resume_hint = f"switch-sae demo --resume --out {cfg.out}"
+    execute_demo(cfg)
+    return 0
+
+
+# ------------------------------------------------------------------ train
+
+
+def add_train(commands: Any) -> None:
+    parser = commands.add_parser(
+        "train", help="train one SAE on activations harvested from a model",
+        description="Train one SAE. Pick the architecture, then see `switch-sae train ARCH --help`.",
+    )
+    architectures = parser.add_subparsers(dest="architecture", required=True, metavar="ARCH")
+    for name, cls in sorted(_REGISTRY.items()):
+        sub = architectures.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0],
+                                       description=f"Train a {name} SAE. {cls.__doc__ or ''}".strip())
+        sub.add_argument("--out", default="", help="run folder (default: runs/train-<architecture>-<date>-<time>)")
+        sub.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
+                         help="evaluate the trained SAE on the held-out contexts (default: yes)")
+        add_dataclass_arguments(sub, DataConfig, title="data options")
+        add_dataclass_arguments(sub, cls.config_class, exclude=SAE_FILLED, title=f"{name} SAE options")
+        add_dataclass_arguments(sub, TrainConfig, exclude=TRAIN_FILLED, title="training options")
+        sub.set_defaults(handler=run_train_command)
+
+
+def run_train_command(args: argparse.Namespace) -> int:
+    import time
+
+    from .activations import hook_d_in
+    from .pipeline import activation_source, check_inputs, load_language_model, training_batches
+    from .training import Trainer
+
+    cls = _REGISTRY[args.architecture]
+    with usage_errors():
+        data = dataclass_from_args(DataConfig, args)
+        check_inputs(data)
+        out = Path(args.out or f"runs/train-{args.architecture}-{time.strftime('%Y%m%d-%H%M%S')}")
+        train_cfg = dataclass_from_args(TrainConfig, args, total_steps=data.steps(), run_dir=str(out),
+                                        progress=data.progress, seed=data.seed)
+        if out.exists() and any(out.iterdir()) and not train_cfg.resume:
+            raise FileExistsError(f"run folder {out} already exists and is not empty; pass --resume or another --out")
+    args.resume_hint = f"the same command with --resume --out {out}"
+    lm = load_language_model(data)
+    hook = data.resolved_hook()
+    with usage_errors():
+        d_in = hook_d_in(lm, hook)
+        sae = cls(dataclass_from_args(cls.config_class, args, d_in=d_in, device=data.resolved_device(),
+                                      hook_name=hook, model_name=data.model))
+        trainer = Trainer(sae, train_cfg)
+    source = activation_source(data, lm, d_in, out / "activations")
+    trainer.fit(training_batches(data, source))
+    print(f"saved {out / 'sae'}")
+    if args.eval:
+        evaluate_and_save(sae.load(out / "sae", device=data.resolved_device()), lm, data, out)
+    return 0
+
+
+# ------------------------------------------------------------------ eval
+
+
+def add_eval(commands: Any) -> None:
+    parser = commands.add_parser(
+        "eval", help="evaluate saved SAEs on held-out tokens (MSE, FVE, L0, loss recovered, KL, ...)",
+        description="Evaluate saved SAEs (folders with cfg.json + model.safetensors, or run folders holding "
+        "one) on the same held-out tokens; writes eval.json next to each SAE.",
+    )
+    parser.add_argument("sae_dirs", nargs="+", metavar="SAE_DIR", help="saved SAE or run folder")
+    add_dataclass_arguments(parser, DataConfig, exclude=EVAL_UNUSED, title="data options")
+    parser.set_defaults(handler=run_eval_command)
+
+
+def run_eval_command(args: argparse.Namespace) -> int:
+    from .evals.report import find_sae_dir
+    from .models import SAE
+    from .pipeline import check_inputs, load_language_model
+
+    with usage_errors():
+        data = dataclass_from_args(DataConfig, args)
+        check_inputs(data)
+        folders = [find_sae_dir(Path(d)) for d in args.sae_dirs]
+        saes = [SAE.load(folder, device=data.resolved_device()) for folder in folders]
+    lm = load_language_model(data)
+    for folder, sae in zip(folders, saes):
+        print(f"== {folder}")
+        evaluate_and_save(sae, lm, data, folder.parent if folder.name == "sae" else folder)
+    return 0
+
+
+def evaluate_and_save(sae: Any, lm: Any, data: DataConfig, folder: Path) -> None:
+    """Evaluate ``sae`` on ``data``'s held-out tokens at its hook; print and save ``eval.json``."""
+    from .evals.evaluate import evaluate
+    from .pipeline import eval_tokens
+
+    hook = data.hook_name or sae.cfg.hook_name or data.resolved_hook()
+    result = evaluate(sae, lm, eval_tokens(data, lm), hook, batch_size=data.harvest_batch, progress=data.progress)
+    result.save(folder / "eval.json")
+    print(result.table())
+    print(f"saved {folder / 'eval.json'}")
+
+
+# ------------------------------------------------------------------ analyze and bench
+
+
+def add_analyze(commands: Any) -> None:
+    parser = commands.add_parser(
+        "analyze", help="feature geometry, FLOPs and plots of saved runs",
+        description="Analyse saved runs: duplicates, nearest-neighbour cosines, expert similarity, FLOPs, "
+        "and plots across runs; writes report.json, summary.md and PNGs.",
+    )
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="folder holding one saved SAE (and its metrics)")
+    parser.add_argument("--out", default="analysis", help="output folder (default: analysis)")
+    parser.add_argument("--tsne", action=argparse.BooleanOptionalAction, default=True, help="draw t-SNE plots (default: yes)")
+    parser.set_defaults(handler=run_analyze_command)
+
+
+def run_analyze_command(args: argparse.Namespace) -> int:
+    from .evals.report import analyze_runs, find_sae_dir
+
+    with usage_errors():
+        for run_dir in args.run_dirs:
+            if not Path(run_dir).is_dir():
+                raise FileNotFoundError(f"run directory {run_dir} does not exist")
+            find_sae_dir(Path(run_dir))
+    out = analyze_runs(args.run_dirs, args.out, tsne=args.tsne)
+    print((out / "summary.md").read_text())
+    print(f"wrote {out}")
+    return 0
+
+
+def add_bench(commands: Any) -> None:
+    from .bench import add_arguments
+
+    parser = commands.add_parser(
+        "bench", help="time the ops and training steps against the alternatives",
+        description="Benchmarks: validate every implementation against the reference, then time it; "
+        "writes latest.json, summary.md and plots.",
+    )
+    add_arguments(parser)
+    parser.set_defaults(handler=run_bench_command)
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    from .bench import run_benchmarks
+    from .bench.runner import config_from_args
+
+    with usage_errors():
+        cfg = config_from_args(args)
+    run_benchmarks(cfg)
+    return 0
+
+
+# ------------------------------------------------------------------ entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="switch-sae",
+        description="Switch sparse autoencoders: train, evaluate, analyse, benchmark, or run the demo.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (add_demo, add_train, add_eval, add_analyze, add_bench):
+        add(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``switch-sae`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except UsageError as err:
+        print(f"switch-sae {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        hint = getattr(args, "resume_hint", None)
+        print("\ninterrupted" + (f"; checkpoints are kept, resume with: {hint}" if hint else ""), file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,100 @@
+"""The comparison table and ``report.md`` of ``switch-sae demo``.
+
+What it leaves out: computing the numbers (``demo.py``, ``evals``) and the plots
+(``evals.report.analyze_runs``, written to ``analysis/``).
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .io import atomic_write
+
+# (header, row key, format) of each column; a None value prints as "-".
+COLUMNS = (
+    ("SAE", "name", "{}"),
+    ("d_sae", "d_sae", "{}"),
+    ("experts", "n_experts", "{}"),
+    ("FLOPs/tok", "flops_per_token", "{:.3g}"),
+    ("MSE", "mse", "{:.4g}"),
+    ("FVE", "fve", "{:.3f}"),
+    ("L0", "l0", "{:.1f}"),
+    ("dead", "dead_fraction", "{:.1%}"),
+    ("LR zero", "loss_recovered", "{:.3f}"),
+    ("LR mean", "loss_recovered_mean", "{:.3f}"),
+    ("KL", "kl", "{:.4f}"),
+    ("load max/min", "expert_load", "{}"),
+    ("dup@0.9", "duplicate_fraction", "{:.2%}"),
+    ("step ms", "step_ms", "{:.0f}"),
+    ("tok/s", "tokens_per_s", "{:.0f}"),
+)
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    if key == "expert_load":  # experts' shares of tokens: 1/n_experts each when balanced
+        if row.get("expert_load_max") is None:
+            return "-"
+        return f"{row['expert_load_max']:.2f}/{row['expert_load_min']:.2f}"
+    value = row.get(key)
+    return "-" if value is None else fmt.format(value)
+
+
+def format_table(rows: list[dict[str, Any]], *, markdown: bool = False) -> str:
+    """The comparison table: aligned plain text, or a Markdown table."""
+    headers = [h for h, _, _ in COLUMNS]
+    cells = [[_cell(r, key, fmt) for _, key, fmt in COLUMNS] for r in rows]
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.rjust(w) for h, w in zip(headers, widths))]
+    lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
+LEGEND = """\
+- **MSE**: squared reconstruction error summed over d_in, mean over tokens; **FVE**: fraction of variance explained.
+- **L0**: active features per token, counted on the sparse code; **dead**: features that never fired on the eval tokens.
+- **LR zero / LR mean**: fraction of the next-token cross-entropy loss recovered when the reconstruction is patched in,
+  relative to patching zeros / the mean activation: (CE_ablated - CE_sae) / (CE_ablated - CE_clean).
+- **KL**: KL divergence of the patched model's next-token distribution from the clean one (nats per token).
+- **load max/min**: the largest and smallest share of tokens routed to one expert (balanced = 1/experts).
+- **dup@0.9**: fraction of decoder directions whose nearest other direction has cosine > 0.9 (paper, sec. 4.3).
+- **FLOPs/tok**: forward FLOPs per token of the SAE; **step ms / tok/s**: median measured training step time and throughput.
+"""
+
+
+def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], table: str, seconds: float) -> Path:
+    """Write ``out/report.md``: setup, the table, the legend and links to the plots."""
+    figures = sorted(p.relative_to(out) for p in (out / "analysis").glob("*.png"))
+    text = "\n".join([
+        "# switch_sae demo: Switch SAEs vs a TopK SAE",
+        "",
+        f"Model `{cfg.model}`, hook `{cfg.hook_name}`, text `{cfg.dataset}`; preset `{cfg.preset}`.",
+        f"Every SAE trained on the same {cfg.steps()} batches of {cfg.batch_size} activations "
+        f"({cfg.epochs} pass(es) over {cfg.train_tokens} tokens) with k={cfg.k}, and evaluated on the same "
+        f"{cfg.eval_contexts} held-out contexts of {cfg.context_size} tokens.",
+        f"`switch-flop`: {cfg.n_experts} experts each as wide as the TopK SAE (FLOP-matched); "
+        f"`switch-width`: the TopK SAE's {cfg.d_sae} features split over {cfg.n_experts} experts (width-matched).",
+        "",
+        format_table(rows, markdown=True),
+        "",
+        LEGEND,
+        f"Wall time {seconds:.0f} s on {cfg.device} ({platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}).",
+        "",
+        "## Figures",
+        "",
+        *[f"![{f.stem}]({f.as_posix()})" for f in figures],
+        "",
+        "More numbers (geometry, FLOPs, expert similarity): [analysis/summary.md](analysis/summary.md); "
+        "per-SAE evaluations: `<sae>/eval.json`; training curves: `<sae>/metrics.jsonl`.",
+        "",
+    ])
+    path = out / "report.md"
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path

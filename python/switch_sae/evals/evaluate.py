@@ -1,0 +1,229 @@
+"""``evaluate(sae, model, tokens, hook_name)``: every headline metric on one fixed token set.
+
+Score every SAE on the same ``tokens [n_contexts, pos]`` (e.g. ``activations.load_tokens``
+on held-out text) so numbers are comparable. Per batch of ``batch_size`` contexts (the eval
+batch size, separate from training's) it runs the model clean (logits and the activation
+at the hook), then with the hook replaced by the SAE reconstruction, by zeros and by the
+mean activation; the SAE output from the spliced run feeds the reconstruction metrics, so
+the SAE runs once per token. Before that, one early-stopped pass over the eval set
+computes the mean activation (unless ``mean_activation`` is given).
+
+Special tokens (by default the tokenizer's BOS, EOS and padding ids) are excluded: left
+unpatched, not scored for reconstruction, not CE targets.
+
+What it leaves out: geometry, FLOPs and plots (other modules of ``switch_sae.evals``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..activations.harvest import check_hook_names, check_tokens, flatten_heads, harvest, model_device
+from ..io import atomic_write_json
+from .experts import ExpertStatsAccumulator
+from .metrics import ReconstructionMetrics
+from .patching import PatchingMetrics, keep_mask, mean_replacement, run_patched, sae_replacement, zero_replacement
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one SAE on one eval set (see ``metrics`` and ``patching`` for definitions)."""
+
+    model_name: str
+    hook_name: str
+    architecture: str
+    d_sae: int
+    n_tokens: int
+    """Kept tokens scored for reconstruction."""
+    mse: float
+    nmse: float
+    fve: float
+    """Fraction of variance explained, textbook (total variance about the mean)."""
+    explained_variance_saelens: float
+    """SAELens's ``explained_variance`` definition, for comparison with SAELens numbers only."""
+    cosine: float
+    l2_ratio: float
+    l0: float
+    dead_fraction: float
+    dense_fraction: float
+    n_dead: int
+    ce_clean: float
+    ce_sae: float
+    ce_zero: float
+    ce_mean: float
+    delta_ce: float
+    loss_recovered_zero: float
+    loss_recovered_mean: float
+    kl: float
+    kl_zero: float
+    kl_mean: float
+    kl_score: float
+    use_error_term: bool = False
+    expert_load: list[float] | None = None
+    """Switch SAEs: fraction of tokens routed to each expert."""
+    router_entropy: float | None = None
+    """Switch SAEs: mean per-token router entropy, nats."""
+    balance_loss: float | None = None
+    """Switch SAEs: n_experts * sum_i f_i P_i, 1 at perfect balance."""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def table(self) -> str:
+        """Two-column text table of the scalar metrics."""
+        rows = [(k, v) for k, v in self.to_dict().items() if not isinstance(v, (list, dict)) and v is not None]
+        if self.expert_load is not None:
+            rows.append(("expert_load min/max", f"{min(self.expert_load):.4f} / {max(self.expert_load):.4f}"))
+        width = max(len(k) for k, _ in rows)
+        return "\n".join(f"{k:<{width}}  {_fmt(v)}" for k, v in rows)
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def save(self, path: str | Path) -> Path:
+        """Write the result as JSON (atomically)."""
+        return atomic_write_json(_json_safe(self.to_dict()), path)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN/inf become None: strict JSON readers reject them."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def special_token_ids(model: Any) -> list[int]:
+    """The tokenizer's BOS, EOS and padding ids (none for a model without a tokenizer)."""
+    tokenizer = getattr(model, "tokenizer", None)
+    ids = {getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad")}
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.no_grad()
+def mean_activation(model: Any, tokens: Tensor, hook_name: str, *, batch_size: int = 8, keep: Tensor | None = None) -> Tensor:
+    """``[d_in]`` mean activation at ``hook_name`` over the kept positions of ``tokens``."""
+    total, count = None, 0
+    for start in range(0, tokens.shape[0], batch_size):
+        act = harvest(model, tokens[start : start + batch_size], hook_name, flatten=False)[hook_name]
+        act = act.double()  # [batch, pos, d_in]
+        if keep is not None:
+            act = act[keep[start : start + batch_size].to(act.device)]
+        total = act.reshape(-1, act.shape[-1]).sum(0) + (0 if total is None else total)
+        count += act.reshape(-1, act.shape[-1]).shape[0]
+    if count == 0:
+        raise ValueError("no kept positions to average: every token was excluded")
+    return (total / count).float()
+
+
+@torch.no_grad()
+def evaluate(
+    sae: Any,
+    model: Any,
+    tokens: Tensor,
+    hook_name: str | None = None,
+    *,
+    batch_size: int = 8,
+    exclude_token_ids: Iterable[int] | None = None,
+    use_error_term: bool = False,
+    mean: Tensor | None = None,
+    dense_threshold: float = 0.1,
+    progress: bool = True,
+) -> EvalResult:
+    """Evaluate ``sae`` spliced into ``model`` at ``hook_name`` (default ``sae.cfg.hook_name``)
+    on ``tokens [n_contexts, pos]``; see the module docstring."""
+    hook_name = hook_name or getattr(sae.cfg, "hook_name", "")
+    if not hook_name:
+        raise ValueError("hook_name is required: pass it, or set sae.cfg.hook_name")
+    check_hook_names(model, hook_name)
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    tokens = check_tokens(tokens).to(model_device(model))
+    if tokens.shape[1] < 2:
+        raise ValueError(f"tokens must have at least 2 positions to score next-token loss, got {tuple(tokens.shape)}")
+    excluded = special_token_ids(model) if exclude_token_ids is None else list(exclude_token_ids)
+    keep = keep_mask(tokens, excluded)  # [n_contexts, pos]
+    if mean is None:
+        mean = mean_activation(model, tokens, hook_name, batch_size=batch_size, keep=keep)
+
+    recon = ReconstructionMetrics(sae.d_in, sae.d_sae, dense_threshold=dense_threshold)
+    patching = PatchingMetrics()
+    n_experts = getattr(sae.cfg, "n_experts", None)
+    experts = ExpertStatsAccumulator(n_experts) if n_experts else None
+    for start in tqdm(range(0, tokens.shape[0], batch_size), desc="evaluate", disable=not progress):
+        batch, batch_keep = tokens[start : start + batch_size], keep[start : start + batch_size]
+        clean_logits, cache = model.run_with_cache(batch, names_filter=[hook_name])
+        if hook_name not in cache:
+            raise ValueError(f"hook {hook_name!r} did not fire; is it a hook name of this model (model.hook_dict)?")
+        x = flatten_heads(cache[hook_name])  # [batch, pos, d_in]
+        del cache
+        outputs: list = []
+        runs = {
+            "sae": sae_replacement(sae, use_error_term, record=outputs),
+            "zero": zero_replacement,
+            "mean": mean_replacement(mean),
+        }
+        patching.add("clean", batch, clean_logits, clean_logits, batch_keep)
+        for run, replace in runs.items():
+            patching.add(run, batch, run_patched(model, batch, hook_name, replace, batch_keep), clean_logits, batch_keep)
+        flat_keep = batch_keep.reshape(-1)
+        recon.update(x.reshape(-1, x.shape[-1]), outputs[0], flat_keep)
+        if experts is not None and flat_keep.any():
+            out = outputs[0]
+            experts.update(out._replace(router_probs=out.router_probs.reshape(-1, n_experts)[flat_keep],
+                                        experts=out.experts.reshape(flat_keep.shape[0], -1)[flat_keep]))
+
+    r, p = recon.result(), patching.result()
+    routing = experts.result() if experts is not None else None
+    return EvalResult(
+        model_name=str(getattr(getattr(model, "cfg", None), "model_name", "") or getattr(sae.cfg, "model_name", "")),
+        hook_name=hook_name,
+        architecture=getattr(sae, "architecture", type(sae).__name__),
+        d_sae=sae.d_sae,
+        n_tokens=r.n_tokens,
+        mse=r.mse,
+        nmse=r.nmse,
+        fve=r.fve,
+        explained_variance_saelens=r.explained_variance_saelens,
+        cosine=r.cosine,
+        l2_ratio=r.l2_ratio,
+        l0=r.l0,
+        dead_fraction=r.dead_fraction,
+        dense_fraction=r.dense_fraction,
+        n_dead=r.n_dead,
+        ce_clean=p.ce_clean,
+        ce_sae=p.ce_sae,
+        ce_zero=p.ce_zero,
+        ce_mean=p.ce_mean,
+        delta_ce=p.delta_ce,
+        loss_recovered_zero=p.loss_recovered_zero,
+        loss_recovered_mean=p.loss_recovered_mean,
+        kl=p.kl,
+        kl_zero=p.kl_zero,
+        kl_mean=p.kl_mean,
+        kl_score=p.kl_score,
+        use_error_term=use_error_term,
+        expert_load=routing.load if routing else None,
+        router_entropy=routing.router_entropy if routing else None,
+        balance_loss=routing.balance_loss if routing else None,
+        extra={"dense_threshold": dense_threshold, "excluded_token_ids": excluded, "n_contexts": int(tokens.shape[0]),
+               "context_size": int(tokens.shape[1]), "ce_tokens": p.n_tokens},
+    )

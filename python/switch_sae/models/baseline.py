@@ -1,0 +1,90 @@
+"""What the five baseline SAEs share: one flat dictionary and its config fields.
+
+Every baseline (TopK, BatchTopK, ReLU, Gated, JumpReLU) has ``W_enc [d_sae, d_in]``
+(rows are encoder directions), ``W_dec [d_sae, d_in]`` (rows are unit-norm feature
+directions, started parallel to the encoder rows as in the paper's appendix A) and the
+pre-bias ``b_dec [d_in]``, plus the usual TransformerLens hook points.
+
+What it leaves out: each architecture's encoder nonlinearity and extra parameters
+(their own files) and every loss (``switch_sae.training.losses``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import SAE, HookPoint, HookedRootModule, parse_dtype
+
+
+def check_positive_int(owner: object, *names: str) -> None:
+    """Raise ValueError unless every named field of ``owner`` is a positive integer."""
+    for name in names:
+        value = getattr(owner, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_positive_float(owner: object, *names: str) -> None:
+    """Raise ValueError unless every named field of ``owner`` is a finite number > 0."""
+    for name in names:
+        value = getattr(owner, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+
+
+@dataclass(kw_only=True)
+class DictionaryConfig:
+    """Fields every baseline config has (keyword-only, so subclasses may add required ones)."""
+
+    d_in: int
+    """Width of the activations being reconstructed."""
+    d_sae: int
+    """Number of dictionary features."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, float64, bfloat16 or float16."""
+    device: str = "cpu"
+    """Device for the parameters."""
+    hook_name: str = ""
+    """Where the activations came from (e.g. blocks.8.hook_resid_post); metadata for interop."""
+    model_name: str = ""
+    """Which model the activations came from; metadata for interop."""
+
+    def __post_init__(self) -> None:
+        check_positive_int(self, "d_in", "d_sae")
+        parse_dtype(self.dtype)
+
+
+class DictionarySAE(SAE):
+    """Base of the baselines: a flat ``[d_sae, d_in]`` encoder and unit-norm decoder."""
+
+    def __init__(self, cfg: DictionaryConfig) -> None:
+        super().__init__(cfg)
+        self.factory = {"dtype": parse_dtype(cfg.dtype), "device": cfg.device}
+        W_dec = torch.randn(cfg.d_sae, cfg.d_in, **self.factory)  # [d_sae, d_in]
+        W_dec /= W_dec.norm(dim=-1, keepdim=True)
+        self.W_dec = nn.Parameter(W_dec)
+        self.W_enc = nn.Parameter(W_dec.clone())  # [d_sae, d_in]
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **self.factory))  # [d_in] the pre-bias
+        self.hook_sae_input = HookPoint()  # [batch, d_in]
+        self.hook_sae_acts_post = HookPoint()  # [batch, k] sparse values or [batch, d_sae]
+        self.hook_sae_recons = HookPoint()  # [batch, d_in]
+
+    def setup_hooks(self) -> None:
+        """Register the hook points; call at the end of a subclass ``__init__``."""
+        if HookedRootModule is not nn.Module:
+            self.setup()
+
+    @property
+    def d_sae(self) -> int:
+        return self.cfg.d_sae
+
+    @property
+    def W_dec_flat(self) -> Tensor:
+        return self.W_dec
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        """``x [batch, d_in]`` -> ``W_enc (x - b_dec)``, ``[batch, d_sae]`` (plain PyTorch)."""
+        return (x - self.b_dec) @ self.W_enc.T

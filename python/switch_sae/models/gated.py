@@ -1,0 +1,80 @@
+"""The Gated SAE baseline (Rajamanoharan et al. 2024, "Improving Dictionary Learning with
+Gated Sparse Autoencoders").
+
+    pi_gate = W_enc (x - b_dec) + b_gate              which features fire
+    pi_mag  = exp(r_mag) * W_enc (x - b_dec) + b_mag  how strongly (encoder shared, rescaled)
+    acts    = 1[pi_gate > 0] * ReLU(pi_mag);   x_hat = acts @ W_dec + b_dec
+    loss    = ||x - x_hat||^2 + l1 * sum_i ReLU(pi_gate)_i ||W_dec[i]||
+              + ||x - (ReLU(pi_gate) @ W_dec.detach() + b_dec.detach())||^2
+
+The step ``1[pi_gate > 0]`` has no gradient; the gate path learns from the L1 term and the
+auxiliary reconstruction through a frozen copy of the decoder, as in the paper.
+
+Plain dense PyTorch: ``[batch, d_sae]`` activations (``ForwardOutput.acts``).
+
+What it leaves out: the losses (``switch_sae.training.losses``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import ForwardOutput, register_architecture
+from .baseline import DictionaryConfig, DictionarySAE
+
+
+@dataclass(kw_only=True)
+class GatedSAEConfig(DictionaryConfig):
+    """Shape of a Gated SAE; the L1 coefficient is a training option (``TrainConfig``)."""
+
+
+@register_architecture
+class GatedSAE(DictionarySAE):
+    """Gated SAE: a gate path picks features, a magnitude path sizes them. Dense PyTorch."""
+
+    architecture = "gated"
+    config_class = GatedSAEConfig
+
+    def __init__(self, cfg: GatedSAEConfig) -> None:
+        super().__init__(cfg)
+        self.r_mag = nn.Parameter(torch.zeros(cfg.d_sae, **self.factory))  # [d_sae] log scale
+        self.b_gate = nn.Parameter(torch.zeros(cfg.d_sae, **self.factory))  # [d_sae]
+        self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae, **self.factory))  # [d_sae]
+        self.setup_hooks()
+
+    def _gate_and_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pre = self.pre_acts(x)  # [batch, d_sae], shared by both paths
+        pi_gate = pre + self.b_gate
+        pi_mag = pre * torch.exp(self.r_mag) + self.b_mag
+        acts = (pi_gate > 0).to(pre.dtype) * torch.relu(pi_mag)  # [batch, d_sae]
+        return pi_gate, acts
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``x [..., d_in]`` -> dense ``[..., d_sae]`` activations."""
+        x, lead = self.check_input(x)
+        return self._gate_and_acts(x)[1].view(*lead, self.d_sae)
+
+    encode_dense = encode
+
+    def decode(self, acts: Tensor) -> Tensor:
+        return acts @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> ForwardOutput:
+        x, lead = self.check_input(x)
+        x = self.hook_sae_input(x)  # [batch, d_in]
+        pi_gate, acts = self._gate_and_acts(x)
+        acts = self.hook_sae_acts_post(acts)
+        x_hat = self.hook_sae_recons(acts @ self.W_dec + self.b_dec)
+        gate_acts = torch.relu(pi_gate)  # [batch, d_sae]
+        aux = {"l1_acts": gate_acts}
+        if self.training:  # the frozen-decoder reconstruction only matters for the loss
+            aux["gate_recon"] = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
+        return ForwardOutput(
+            x_hat=x_hat.view(*lead, self.d_in),
+            code=None,
+            acts=acts.view(*lead, self.d_sae),
+            aux=aux,
+        )

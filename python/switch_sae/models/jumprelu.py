@@ -1,0 +1,125 @@
+"""The JumpReLU SAE baseline (Rajamanoharan et al. 2024, "Jumping Ahead").
+
+    pre   = W_enc (x - b_dec) + b_enc
+    acts  = pre * 1[pre > theta],  theta = exp(log_threshold) > 0 per feature
+    x_hat = acts @ W_dec + b_dec
+    loss  = ||x - x_hat||^2 + l0_coefficient * sum_i 1[pre_i > theta_i]
+
+The step has zero gradient almost everywhere, so theta learns through straight-through
+estimators with a rectangle kernel of width ``bandwidth`` (the paper's eqs. 11-12):
+d acts / d theta = -(theta / bandwidth) * 1[|pre - theta| < bandwidth / 2], and
+d step / d theta = -(1 / bandwidth) * 1[|pre - theta| < bandwidth / 2].
+
+Plain dense PyTorch: ``[batch, d_sae]`` activations (``ForwardOutput.acts``).
+
+What it leaves out: the L0 loss itself (``switch_sae.training.losses.jumprelu_l0``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import ForwardOutput, register_architecture
+from .baseline import DictionaryConfig, DictionarySAE, check_positive_float
+
+
+def _window(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """Rectangle kernel ``1[|pre - theta| < bandwidth / 2]`` as pre's dtype."""
+    return ((pre - threshold).abs() < bandwidth / 2).to(pre.dtype)
+
+
+class JumpReLUFunction(torch.autograd.Function):
+    """``pre * 1[pre > theta]`` with the straight-through gradient for theta."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return pre * (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        grad_pre = grad * (pre > threshold).to(grad.dtype)
+        grad_threshold = -(threshold / ctx.bandwidth) * _window(pre, threshold, ctx.bandwidth) * grad
+        return grad_pre, grad_threshold.sum(0), None
+
+
+class StepFunction(torch.autograd.Function):
+    """``1[pre > theta]`` with the straight-through gradient for theta (none for pre)."""
+
+    @staticmethod
+    def forward(ctx, pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+        ctx.save_for_backward(pre, threshold)
+        ctx.bandwidth = bandwidth
+        return (pre > threshold).to(pre.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        pre, threshold = ctx.saved_tensors
+        grad_threshold = -(1.0 / ctx.bandwidth) * _window(pre, threshold, ctx.bandwidth) * grad
+        return None, grad_threshold.sum(0), None
+
+
+@dataclass(kw_only=True)
+class JumpReLUSAEConfig(DictionaryConfig):
+    """Shape and estimator options of a JumpReLU SAE; the L0 coefficient is in ``TrainConfig``."""
+
+    threshold_init: float = 0.001
+    """Initial threshold of every feature (the paper's value, for inputs normalised to E||x|| = sqrt(d_in))."""
+    bandwidth: float = 0.001
+    """Width of the rectangle kernel of the straight-through estimators."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_float(self, "threshold_init", "bandwidth")
+
+
+@register_architecture
+class JumpReLUSAE(DictionarySAE):
+    """JumpReLU SAE: a learnt per-feature threshold, trained with an L0 penalty. Dense PyTorch."""
+
+    architecture = "jumprelu"
+    config_class = JumpReLUSAEConfig
+
+    def __init__(self, cfg: JumpReLUSAEConfig) -> None:
+        super().__init__(cfg)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **self.factory))  # [d_sae]
+        # log-parametrised so theta stays positive under any optimiser step
+        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.threshold_init), **self.factory))
+        self.setup_hooks()
+
+    @property
+    def threshold(self) -> Tensor:
+        return torch.exp(self.log_threshold)  # [d_sae]
+
+    def _pre_and_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        pre = self.pre_acts(x) + self.b_enc  # [batch, d_sae]
+        return pre, JumpReLUFunction.apply(pre, self.threshold, self.cfg.bandwidth)
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``x [..., d_in]`` -> dense ``[..., d_sae]`` activations."""
+        x, lead = self.check_input(x)
+        return self._pre_and_acts(x)[1].view(*lead, self.d_sae)
+
+    encode_dense = encode
+
+    def decode(self, acts: Tensor) -> Tensor:
+        return acts @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> ForwardOutput:
+        x, lead = self.check_input(x)
+        x = self.hook_sae_input(x)  # [batch, d_in]
+        pre, acts = self._pre_and_acts(x)
+        acts = self.hook_sae_acts_post(acts)
+        x_hat = self.hook_sae_recons(acts @ self.W_dec + self.b_dec)
+        return ForwardOutput(
+            x_hat=x_hat.view(*lead, self.d_in),
+            code=None,
+            acts=acts.view(*lead, self.d_sae),
+            aux={"pre_acts": pre, "threshold": self.threshold},
+        )

@@ -1,0 +1,67 @@
+"""The ReLU SAE baseline (Bricken et al. 2023; Anthropic's April 2024 update): an L1 penalty.
+
+    acts  = ReLU(W_enc (x - b_dec) + b_enc)
+    x_hat = acts @ W_dec + b_dec
+    loss  = ||x - x_hat||^2 + l1_coefficient * sum_i acts_i ||W_dec[i]||
+
+Plain dense PyTorch: the code has no fixed k, so it is a ``[batch, d_sae]`` tensor
+(``ForwardOutput.acts``) and the encoder/decoder are ordinary matrix products.
+The decoder-norm weighting makes the penalty independent of how the scale is split between
+code and dictionary; with the trainer's unit-norm decoder the weights are 1 but the term
+still pushes on the decoder norms, whose parallel gradient the trainer removes.
+
+What it leaves out: the loss (``switch_sae.training.losses.weighted_l1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .base import ForwardOutput, register_architecture
+from .baseline import DictionaryConfig, DictionarySAE
+
+
+@dataclass(kw_only=True)
+class ReLUSAEConfig(DictionaryConfig):
+    """Shape of a ReLU (L1) SAE; the L1 coefficient is a training option (``TrainConfig``)."""
+
+
+@register_architecture
+class ReLUSAE(DictionarySAE):
+    """ReLU SAE trained with a decoder-norm-weighted L1 penalty. Dense PyTorch."""
+
+    architecture = "relu"
+    config_class = ReLUSAEConfig
+
+    def __init__(self, cfg: ReLUSAEConfig) -> None:
+        super().__init__(cfg)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **self.factory))  # [d_sae]
+        self.setup_hooks()
+
+    def _acts(self, x: Tensor) -> Tensor:
+        return torch.relu(self.pre_acts(x) + self.b_enc)  # [batch, d_sae]
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``x [..., d_in]`` -> dense ``[..., d_sae]`` activations."""
+        x, lead = self.check_input(x)
+        return self._acts(x).view(*lead, self.d_sae)
+
+    encode_dense = encode
+
+    def decode(self, acts: Tensor) -> Tensor:
+        return acts @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> ForwardOutput:
+        x, lead = self.check_input(x)
+        x = self.hook_sae_input(x)  # [batch, d_in]
+        acts = self.hook_sae_acts_post(self._acts(x))  # [batch, d_sae]
+        x_hat = self.hook_sae_recons(acts @ self.W_dec + self.b_dec)
+        return ForwardOutput(
+            x_hat=x_hat.view(*lead, self.d_in),
+            code=None,
+            acts=acts.view(*lead, self.d_sae),
+            aux={"l1_acts": acts},
+        )

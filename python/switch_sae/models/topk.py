@@ -1,0 +1,98 @@
+"""The TopK SAE baseline (Gao et al. 2024), on the same sparse custom ops as Switch.
+
+    code  = TopK_k(ReLU(W_enc (x - b_dec) + b_enc))
+    x_hat = sum_j code.values[j] * W_dec[code.indices[j]] + b_dec
+
+A TopK SAE is a Switch SAE with one expert and no router: ``W_enc`` is passed to
+``ops.encode_topk`` viewed as ``[1, d_sae, d_in]`` with every token routed to expert 0,
+and decoding is ``ops.decode``. So it never builds ``[batch, d_sae]`` beyond one tile of
+``tile_rows x d_sae`` pre-activations, and it is the fair dense-dictionary comparison.
+
+What it leaves out: the AuxK dead-latent loss (``switch_sae.training``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from .base import ForwardOutput, SparseCode, register_architecture
+from .baseline import DictionaryConfig, DictionarySAE, check_positive_int
+from .routed import encode_routed, single_expert
+
+
+@dataclass(kw_only=True)
+class TopKSAEConfig(DictionaryConfig):
+    """Shape and options of a TopK SAE."""
+
+    k: int
+    """Active features per token (the L0 of the code)."""
+    use_encoder_bias: bool = True
+    """Per-feature encoder bias ``b_enc`` (Gao et al. use one)."""
+    tile_rows: int = 1024
+    """Tokens encoded at once: bounds pre-activation memory to tile_rows x d_sae."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int(self, "k", "tile_rows")
+        if self.k > self.d_sae:
+            raise ValueError(f"k={self.k} is larger than the dictionary (d_sae={self.d_sae}); lower k")
+
+
+@register_architecture
+class TopKSAE(DictionarySAE):
+    """TopK SAE: keep the k largest pre-activations of each token."""
+
+    architecture = "topk"
+    config_class = TopKSAEConfig
+
+    def __init__(self, cfg: TopKSAEConfig) -> None:
+        super().__init__(cfg)
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **self.factory)) if cfg.use_encoder_bias else None
+        self.setup_hooks()
+
+    def encoder_weight(self) -> Tensor:
+        """``[1, d_sae, d_in]``: the dictionary as the single expert of ``ops.encode_topk``."""
+        return self.W_enc.unsqueeze(0)
+
+    def encoder_bias(self) -> Tensor | None:
+        """``[1, d_sae]`` or None, matching ``encoder_weight``."""
+        return None if self.b_enc is None else self.b_enc.unsqueeze(0)
+
+    def _encode_flat(self, x: Tensor) -> SparseCode:
+        experts = single_expert(x.shape[0], x.device)  # [batch, 1]
+        return encode_routed(
+            x, self.encoder_weight(), self.encoder_bias(), self.b_dec, None, experts, self.cfg.k, self.cfg.tile_rows
+        )
+
+    def encode(self, x: Tensor) -> SparseCode:
+        """``x [..., d_in]`` -> ``SparseCode`` with values/indices of shape ``[..., k]``."""
+        x, lead = self.check_input(x)
+        values, indices = self._encode_flat(x)
+        return SparseCode(values.view(*lead, self.cfg.k), indices.view(*lead, self.cfg.k))
+
+    def encode_dense(self, x: Tensor) -> Tensor:
+        values, indices = self.encode(x)
+        return values.new_zeros(*values.shape[:-1], self.d_sae).scatter(-1, indices, values)
+
+    def decode(self, code: SparseCode) -> Tensor:
+        values, indices = code  # [..., k] each
+        lead, k = values.shape[:-1], values.shape[-1]
+        flat = ops.decode(values.reshape(-1, k), indices.reshape(-1, k), self.W_dec)
+        return (flat + self.b_dec).view(*lead, self.d_in)
+
+    def forward(self, x: Tensor) -> ForwardOutput:
+        x, lead = self.check_input(x)
+        x = self.hook_sae_input(x)  # [batch, d_in]
+        code = self._encode_flat(x)
+        values = self.hook_sae_acts_post(code.values)  # [batch, k]
+        x_hat = self.hook_sae_recons(ops.decode(values, code.indices, self.W_dec) + self.b_dec)
+        k = self.cfg.k
+        return ForwardOutput(
+            x_hat=x_hat.view(*lead, self.d_in),
+            code=SparseCode(values.view(*lead, k), code.indices.view(*lead, k)),
+            acts=None,
+        )

@@ -1,0 +1,201 @@
+"""Training checkpoints: safetensors + JSON only, written atomically, verified on load.
+
+A checkpoint is a folder ``<root>/step_<step>/``::
+
+    model/cfg.json, model/model.safetensors   the SAE (``SAE.save``)
+    optimizer.safetensors, optimizer.json     Adam's tensors; its param groups and scalars
+    trainer.safetensors                       dead-latent counters, torch RNG state(s)
+    trainer.json                              step, tokens, data position, input scale, config
+    manifest.json                             sha256 of every file above; written last
+
+It is assembled in a hidden temporary folder and renamed into place, so a crash leaves
+either no new checkpoint or a complete one; the manifest (checked on load) also catches
+later damage. Nothing is pickled, so loading a checkpoint cannot run code.
+
+What it leaves out: deciding when to checkpoint and what the trainer state means
+(``trainer.py``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+
+from ..io import atomic_write_json, atomic_write_safetensors
+from ..models.base import CONFIG_FILE, WEIGHTS_FILE, SAE
+
+MANIFEST = "manifest.json"
+FORMAT = "switch_sae.checkpoint/1"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is incomplete, damaged, or does not match the run resuming from it."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for param_id, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, Tensor):
+                tensors[f"{param_id}.{key}"] = value
+            else:
+                scalars[f"{param_id}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in [*tensors.items(), *meta["scalars"].items()]:
+        param_id, key = flat.split(".", 1)
+        state.setdefault(int(param_id), {})[key] = value
+    groups = meta["param_groups"]
+    for group in groups:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def rng_state() -> dict[str, Tensor]:
+    """Torch's RNG states (CPU, and each CUDA device when present) as uint8 tensors."""
+    states = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            states[f"rng.cuda.{i}"] = s
+    return states
+
+
+def set_rng_state(tensors: dict[str, Tensor]) -> None:
+    torch.set_rng_state(tensors["rng.cpu"])
+    cuda = sorted((k for k in tensors if k.startswith("rng.cuda.")), key=lambda k: int(k.rsplit(".", 1)[1]))
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([tensors[k] for k in cuda])
+
+
+def checkpoints(root: str | Path) -> list[Path]:
+    """Complete-looking checkpoint folders under ``root``, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    model: SAE,
+    optimizer: torch.optim.Optimizer,
+    tensors: dict[str, Tensor],
+    state: dict[str, Any],
+    keep: int,
+) -> Path:
+    """Write ``<root>/step_<step>`` atomically and keep only the ``keep`` newest checkpoints.
+
+    ``tensors`` and ``state`` are the trainer's own tensors and JSON-able counters.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = root / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)  # debris of a crash mid-write
+    model.save(tmp / "model")
+    opt_tensors, opt_meta = _optimizer_files(optimizer)
+    atomic_write_safetensors(opt_tensors, tmp / "optimizer.safetensors")
+    atomic_write_json(opt_meta, tmp / "optimizer.json")
+    atomic_write_safetensors({**tensors, **rng_state()}, tmp / "trainer.safetensors")
+    atomic_write_json(state, tmp / "trainer.json")
+    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
+    atomic_write_json({"format": FORMAT, "step": step, "files": {f: _sha256(tmp / f) for f in files}}, tmp / MANIFEST)
+    if final.exists():  # re-saving a step (e.g. Ctrl-C right after a periodic save)
+        old = root / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(root)
+    for stale in checkpoints(root)[:-keep]:
+        shutil.rmtree(stale)
+    return final
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def verify(path: str | Path) -> dict[str, Any]:
+    """Check the manifest of checkpoint ``path``; return it or raise ``CheckpointError``."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    hint = "delete it to resume from an earlier checkpoint, or start a fresh run"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {MANIFEST}); {hint}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is not valid JSON ({err}); {hint}") from err
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+    for name, digest in manifest["files"].items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is missing {name}; {hint}")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"checkpoint {path}: {name} is corrupt (checksum mismatch); {hint}")
+    return manifest
+
+
+def load_checkpoint(
+    path: str | Path, model: SAE, optimizer: torch.optim.Optimizer, verified: bool = False
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Verify ``path`` (unless the caller just did), load the model and optimizer in place,
+    restore the RNG.
+
+    Returns the trainer's tensors and JSON state. The checkpoint's model config must equal
+    ``model``'s, or ``CheckpointError`` says which fields differ.
+    """
+    path = Path(path)
+    if not verified:
+        verify(path)
+    saved_cfg = json.loads((path / "model" / CONFIG_FILE).read_text())
+    current = json.loads(json.dumps(model.config_dict()))
+    if saved_cfg != current:
+        keys = saved_cfg.keys() | current.keys()
+        diff = {k: (saved_cfg.get(k), current.get(k)) for k in keys if saved_cfg.get(k) != current.get(k)}
+        raise CheckpointError(f"checkpoint {path} holds a different model; (saved, current) differ in {diff}")
+    try:
+        weights = load_file(str(path / "model" / WEIGHTS_FILE), device=str(model.W_dec_flat.device))
+        model.load_state_dict(weights, strict=True)
+        _load_optimizer(
+            optimizer, load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
+        )
+        tensors = load_file(str(path / "trainer.safetensors"))
+    except (SafetensorError, RuntimeError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {err}") from err
+    set_rng_state(tensors)
+    return tensors, json.loads((path / "trainer.json").read_text())

@@ -1,0 +1,116 @@
+"""``TrainConfig``: every knob of the training recipe, with the paper's defaults.
+
+What it leaves out: the model's shape (its own config) and the loop (``trainer.py``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass
+class TrainConfig:
+    """How to train an SAE. Defaults reproduce the Switch SAE paper's recipe plus AuxK."""
+
+    total_steps: int
+    """Optimiser steps in the whole run; the lr schedule is laid out over it."""
+    lr: float | None = None
+    """Peak learning rate; None means 2e-4 / sqrt(d_sae / 2^14) (the paper's scaling law)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's (beta1, beta2)."""
+    adam_eps: float = 1e-8
+    """Adam's epsilon."""
+    warmup_steps: int = 0
+    """Steps of linear lr warm-up from 0 (the paper uses none)."""
+    decay_fraction: float = 0.2
+    """Final fraction of the steps over which the lr falls linearly to 0."""
+    grad_clip: float = 1.0
+    """Maximum global gradient norm; 0 turns clipping off."""
+    lb_alpha: float = 3.0
+    """Weight of the load-balancing loss (times d_in); Switch SAEs only. 0 turns it off."""
+    auxk: bool = True
+    """Add Gao et al.'s AuxK dead-latent loss for TopK-family models (False reproduces the paper)."""
+    auxk_coefficient: float = 1 / 32
+    """Weight of the AuxK loss."""
+    k_aux: int | None = None
+    """Dead latents used by AuxK per token; None means min(d_in // 2, d_expert)."""
+    dead_after_tokens: int = 10_000_000
+    """A latent that has not fired for this many tokens counts as dead."""
+    l1_coefficient: float = 1.0
+    """Weight of the decoder-norm-weighted L1 penalty (ReLU and Gated SAEs)."""
+    l0_coefficient: float = 0.1
+    """Weight of the L0 penalty (JumpReLU SAEs)."""
+    init_geometric_median: bool = True
+    """Start b_dec and b_router at the geometric median of the first batch."""
+    normalize_inputs: bool = False
+    """Scale inputs so E||x|| = sqrt(d_in) (estimated once, on the first batch); folded into saved weights."""
+    autocast: str | None = None
+    """'bfloat16' runs forward and losses under torch.autocast (no GradScaler needed); None: off."""
+    seed: int = 0
+    """Seed of torch's RNG at the start of training."""
+    run_dir: str | None = None
+    """Folder for metrics.jsonl and checkpoints/; None keeps nothing on disk."""
+    checkpoint_every: int = 0
+    """Write a checkpoint every this many steps (0: only at the end and on Ctrl-C). Needs run_dir."""
+    keep_checkpoints: int = 2
+    """How many most recent checkpoints to keep."""
+    resume: bool = False
+    """Continue from the newest checkpoint in run_dir (starts fresh if there is none)."""
+    log_every: int = 1
+    """Write metrics every this many steps."""
+    wandb_project: str | None = None
+    """Also log to this Weights & Biases project (needs wandb installed)."""
+    tensorboard: bool = False
+    """Also log to TensorBoard under run_dir/tensorboard (needs tensorboard installed)."""
+    progress: bool = True
+    """Show a tqdm progress bar in fit()."""
+
+    def __post_init__(self) -> None:
+        self.adam_betas = tuple(self.adam_betas)  # JSON round trips turn it into a list
+        for name in ("total_steps", "log_every", "keep_checkpoints"):
+            _check_int(self, name, minimum=1)
+        for name in ("warmup_steps", "dead_after_tokens", "checkpoint_every", "seed"):
+            _check_int(self, name, minimum=0)
+        if self.k_aux is not None:
+            _check_int(self, "k_aux", minimum=1)
+        for name in ("adam_eps", "auxk_coefficient", "grad_clip", "lb_alpha", "l1_coefficient", "l0_coefficient"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
+            raise ValueError(f"lr must be a finite positive number or None, got {self.lr!r}")
+        if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction!r}")
+        if self.warmup_steps + round(self.decay_fraction * self.total_steps) > self.total_steps:
+            raise ValueError(
+                f"warmup_steps={self.warmup_steps} overlaps the final decay of "
+                f"{self.decay_fraction:.0%} of total_steps={self.total_steps}; shorten one of them"
+            )
+        if self.autocast not in (None, "bfloat16"):
+            raise ValueError(f"autocast must be None or 'bfloat16', got {self.autocast!r}")
+        if (self.checkpoint_every or self.resume) and self.run_dir is None:
+            raise ValueError("checkpoint_every and resume need run_dir: say where checkpoints live")
+
+    def peak_lr(self, d_sae: int) -> float:
+        """The configured lr, or the paper's ``2e-4 / sqrt(d_sae / 2^14)``."""
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
+
+    def lr_at(self, step: int, d_sae: int) -> float:
+        """Learning rate of optimiser step ``step`` (0-based): warm-up, constant, linear decay to 0."""
+        peak = self.peak_lr(d_sae)
+        if step < self.warmup_steps:
+            return peak * (step + 1) / self.warmup_steps
+        decay_steps = round(self.decay_fraction * self.total_steps)
+        decay_start = self.total_steps - decay_steps
+        if decay_steps and step >= decay_start:
+            return peak * max(self.total_steps - step, 0) / decay_steps
+        return peak
+
+
+def _check_int(cfg: TrainConfig, name: str, minimum: int) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

@@ -1,0 +1,91 @@
+"""Training losses as pure tensor functions, apart from any model.
+
+Conventions: reconstruction errors are summed over ``d_in`` and averaged over tokens, as
+in the paper (so MSE is on the scale of ``E||x||^2``, i.e. ``d_in`` for normalised inputs).
+Everything is computed in float32 or wider, whatever the autocast or parameter dtype.
+
+What it leaves out: which terms an architecture needs and their weights
+(``switch_sae.training.trainer``), and the dead-latent code (``switch_sae.training.auxk``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..models.jumprelu import StepFunction
+
+
+def _wide(t: Tensor) -> Tensor:
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
+def mse(x: Tensor, x_hat: Tensor) -> Tensor:
+    """``mean_tokens ||x - x_hat||^2``; x, x_hat ``[batch, d_in]``."""
+    return (_wide(x) - _wide(x_hat)).pow(2).sum(-1).mean()
+
+
+def total_variance(x: Tensor) -> Tensor:
+    """``mean_tokens ||x - mean(x)||^2`` of ``x [batch, d_in]``: the MSE of predicting the mean."""
+    x = _wide(x)
+    return (x - x.mean(0)).pow(2).sum(-1).mean()
+
+
+def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained: ``mse / total_variance`` over the batch."""
+    return mse(x, x_hat) / total_variance(x).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def expert_load(experts: Tensor, n_experts: int) -> Tensor:
+    """``f [n_experts]``: share of (token, expert) pairs sent to each expert (sums to 1).
+
+    Args:
+        experts: ``[batch, n_active]`` int64 (top-n_active counts, so f is the top-1
+            fraction of the paper when n_active = 1).
+    """
+    counts = torch.bincount(experts.reshape(-1), minlength=n_experts)
+    return counts.to(torch.float32) / experts.numel()
+
+
+def load_balancing(router_probs: Tensor, experts: Tensor) -> Tensor:
+    """Switch Transformer balance loss ``n_experts * sum_i f_i P_i`` (1 when perfectly balanced).
+
+    ``f_i`` (counts, no gradient) from ``expert_load``; ``P_i`` the mean router probability
+    of expert i, through which the gradient flows. router_probs ``[batch, n_experts]``.
+    """
+    n_experts = router_probs.shape[-1]
+    f = expert_load(experts, n_experts)
+    P = _wide(router_probs).mean(0)  # [n_experts]
+    return n_experts * (f * P).sum()
+
+
+def router_entropy(router_probs: Tensor) -> Tensor:
+    """Mean over tokens of the entropy (nats) of the routing distribution."""
+    p = _wide(router_probs)
+    return -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
+
+
+def weighted_l1(acts: Tensor, W_dec: Tensor) -> Tensor:
+    """``mean_tokens sum_i |acts_i| * ||W_dec[i]||``; acts ``[batch, d_sae]``, W_dec ``[d_sae, d_in]``."""
+    return (_wide(acts).abs() * _wide(W_dec).norm(dim=-1)).sum(-1).mean()
+
+
+def jumprelu_l0(pre_acts: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
+    """``mean_tokens sum_i 1[pre_i > theta_i]`` with the straight-through gradient for theta.
+
+    pre_acts ``[batch, d_sae]``, threshold ``[d_sae]``.
+    """
+    return StepFunction.apply(_wide(pre_acts), _wide(threshold), bandwidth).sum(-1).mean()
+
+
+def auxk(residual: Tensor, dead_recon: Tensor, n_dead: int, k_aux: int) -> Tensor:
+    """Gao et al.'s AuxK loss: how well the dead latents reconstruct what the live ones missed.
+
+    ``min(n_dead / k_aux, 1) * ||e - e_hat||^2 / ||e - mean(e)||^2`` (tokens averaged), with
+    ``e = residual [batch, d_in]`` the detached error ``x - x_hat`` and ``e_hat = dead_recon``
+    the decoding of the top-k_aux dead latents (without ``b_dec``: e has no offset to learn).
+    """
+    if n_dead == 0:
+        return dead_recon.new_zeros((), dtype=torch.float32)
+    scale = min(n_dead / k_aux, 1.0)
+    return scale * mse(residual, dead_recon) / total_variance(residual).clamp_min(torch.finfo(torch.float32).tiny)

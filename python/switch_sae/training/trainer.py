@@ -1,0 +1,307 @@
+"""``Trainer``: the paper's recipe for any ``SAE``, one testable ``step()`` at a time.
+
+    trainer = Trainer(model, TrainConfig(total_steps=10_000, run_dir="runs/a"))
+    trainer.fit(batches)            # any iterable of [batch, d_in] tensors
+    trainer.save_model("runs/a/sae")
+
+One step: (first step only) estimate the input scale and put ``b_dec``/``b_router`` at the
+geometric median of the batch; set the scheduled lr; forward; loss = MSE + the terms the
+architecture asks for (load balancing for routed models, AuxK for TopK-family models, L1
+for ReLU/Gated, the gate-path reconstruction for Gated, L0 for JumpReLU); backward; drop
+the decoder-gradient component parallel to each feature; clip; Adam; renormalise the
+decoder rows; update the dead-latent counters; log.
+
+Mixed precision: with ``autocast="bfloat16"`` the forward pass and the losses run under
+``torch.autocast``, master weights and Adam stay in the parameter dtype and no GradScaler
+is needed (bfloat16 has float32's range). Autocast lowers the dense matrix products (the
+router, the L1-family encoders/decoders, the reference ops when the extension is absent);
+the compiled ``switch_sae`` ops are not registered for autocast, so they run in the
+parameter dtype: create the model with ``dtype="bfloat16"`` to run them in bfloat16.
+Losses are always reduced in float32.
+
+Resuming: the trainer restores model, Adam, lr position, counters, dead-latent counters
+and torch's RNG, and ``fit`` skips the batches already consumed, so on CPU the losses after
+a resume equal those of an uninterrupted run exactly (given the same batch iterable).
+
+What it leaves out: the losses' arithmetic (``losses.py``), the AuxK code (``auxk.py``),
+the checkpoint format (``checkpoint.py``) and data loading (any iterable will do).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from .. import ops
+from ..models.base import SAE, ForwardOutput
+from . import losses
+from .auxk import dead_latent_code, default_k_aux, supports_auxk
+from .checkpoint import CheckpointError, checkpoints, load_checkpoint, save_checkpoint, verify
+from .config import TrainConfig
+from .dead import DeadLatentTracker, fired_latents, l0
+from .init import init_biases_from_batch_
+from .metrics import MetricsLogger, StepMetrics
+from .normalization import estimate_scale, fold_input_scale_
+
+# TrainConfig fields that may change between a run and its resumption.
+_RESUMABLE = {
+    "resume", "progress", "checkpoint_every", "keep_checkpoints", "log_every", "wandb_project", "tensorboard", "run_dir"
+}
+
+
+class Trainer:
+    """Trains one SAE with ``step(batch)``; ``fit(batches)`` loops, logs and checkpoints."""
+
+    def __init__(self, model: SAE, cfg: TrainConfig) -> None:
+        if not isinstance(model, SAE):
+            raise TypeError(f"model must be a switch_sae SAE, got {type(model).__name__}")
+        if not isinstance(cfg, TrainConfig):
+            raise TypeError(f"cfg must be a TrainConfig, got {type(cfg).__name__}")
+        self.model, self.cfg = model, cfg
+        self.device = model.W_dec_flat.device
+        torch.manual_seed(cfg.seed)
+        self.optimizer = torch.optim.Adam(
+            model.parameters(), lr=cfg.peak_lr(model.d_sae), betas=cfg.adam_betas, eps=cfg.adam_eps
+        )
+        self.dead = DeadLatentTracker(model.d_sae, cfg.dead_after_tokens, self.device)
+        self.use_auxk = cfg.auxk and supports_auxk(model)
+        self.k_aux = 0
+        if self.use_auxk:
+            d_expert = model.encoder_weight().shape[1]
+            self.k_aux = cfg.k_aux if cfg.k_aux is not None else default_k_aux(model)
+            if self.k_aux > d_expert:
+                raise ValueError(f"k_aux={self.k_aux} exceeds the latents one token can reach ({d_expert})")
+        self.step_count = 0  # optimiser steps done
+        self.tokens = 0  # tokens trained on
+        self.batches_seen = 0  # position in the batch iterable, for resuming
+        self.input_scale = 1.0  # x is multiplied by this before the model sees it
+        self.initialised = False  # data-dependent init done
+        self.logger = MetricsLogger(cfg.run_dir, cfg.wandb_project, cfg.tensorboard, dataclasses.asdict(cfg))
+        self._stop_requested = False
+        if cfg.resume:
+            self._resume()
+
+    # -- one step ----------------------------------------------------------------
+    def step(self, batch: Tensor) -> StepMetrics:
+        """One optimiser step on ``batch [..., d_in]``; returns what it measured."""
+        cfg, model = self.cfg, self.model
+        if self.step_count >= cfg.total_steps:
+            raise RuntimeError(f"training is finished: all total_steps={cfg.total_steps} steps are done")
+        start = time.perf_counter()
+        x, _ = model.check_input(batch)  # [batch, d_in] in the model dtype
+        if not self.initialised:
+            self._initialise(x)
+        if self.input_scale != 1.0:
+            x = x * self.input_scale
+        lr = cfg.lr_at(self.step_count, model.d_sae)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        model.train()
+        with self._autocast():
+            out = model(x)
+            terms = self.loss_terms(x, out)
+        loss = torch.stack(list(terms.values())).sum()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {self.step_count} (terms: "
+                f"{ {k: v.item() for k, v in terms.items()} }); lower the lr or check the data"
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        model.remove_decoder_parallel_grad_()
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        self.optimizer.step()
+        model.normalize_decoder_()
+        self.dead.update_(fired_latents(out, model.d_sae), x.shape[0])
+        self.step_count += 1
+        self.tokens += x.shape[0]
+        self.batches_seen += 1
+        metrics = self._metrics(x, out, terms, loss, lr, grad_norm, time.perf_counter() - start)
+        if self.step_count % cfg.log_every == 0 or self.step_count == cfg.total_steps:
+            self.logger.log(metrics)
+        return metrics
+
+    def loss_terms(self, x: Tensor, out: ForwardOutput) -> dict[str, Tensor]:
+        """Weighted loss terms of one forward pass ``out`` of ``x [batch, d_in]``; they sum to the loss."""
+        cfg, model = self.cfg, self.model
+        aux = out.aux or {}
+        terms = {"mse": losses.mse(x, out.x_hat)}
+        if out.router_probs is not None and cfg.lb_alpha > 0:
+            terms["lb"] = cfg.lb_alpha * model.d_in * losses.load_balancing(out.router_probs, out.experts)
+        if "l1_acts" in aux:
+            terms["l1"] = cfg.l1_coefficient * losses.weighted_l1(aux["l1_acts"], model.W_dec_flat)
+        if "gate_recon" in aux:
+            terms["gate_aux"] = losses.mse(x, aux["gate_recon"])
+        if "pre_acts" in aux:
+            l0_loss = losses.jumprelu_l0(aux["pre_acts"], aux["threshold"], model.cfg.bandwidth)
+            terms["l0"] = cfg.l0_coefficient * l0_loss
+        if self.use_auxk:
+            dead = self.dead.dead()
+            n_dead = int(dead.sum())
+            if n_dead:
+                code = dead_latent_code(model, x, out, dead, self.k_aux)
+                dead_recon = ops.decode(code.values, code.indices, model.W_dec_flat)  # no b_dec: see losses.auxk
+                residual = (x - out.x_hat).detach()
+                terms["auxk"] = cfg.auxk_coefficient * losses.auxk(residual, dead_recon, n_dead, self.k_aux)
+        return terms
+
+    def _initialise(self, x: Tensor) -> None:
+        if self.cfg.normalize_inputs:
+            self.input_scale = estimate_scale(x)
+        if self.cfg.init_geometric_median:
+            init_biases_from_batch_(self.model, x * self.input_scale)
+        self.initialised = True
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.cfg.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    @torch.no_grad()
+    def _metrics(self, x, out, terms, loss, lr, grad_norm, seconds) -> StepMetrics:
+        mse = terms["mse"]
+        metrics = StepMetrics(
+            step=self.step_count,
+            loss=loss.item(),
+            mse=mse.item(),
+            fvu=(mse / losses.total_variance(x).clamp_min(1e-30)).item(),
+            l0=l0(out).item(),
+            n_dead=int(self.dead.dead().sum()),
+            lr=lr,
+            grad_norm=float(grad_norm),
+            tokens=self.tokens,
+            tokens_per_s=x.shape[0] / max(seconds, 1e-9),
+            parts={name: t.item() for name, t in terms.items() if name != "mse"},
+            extra={name: t.item() for name, t in (out.aux or {}).items() if t.dim() == 0},
+        )
+        if out.router_probs is not None:
+            probs, experts = out.router_probs, out.experts
+            metrics.lb = losses.load_balancing(probs, experts).item()
+            metrics.expert_load = losses.expert_load(experts, probs.shape[-1]).tolist()
+            metrics.router_entropy = losses.router_entropy(probs).item()
+        return metrics
+
+    # -- the loop ----------------------------------------------------------------
+    def fit(self, batches: Iterable[Tensor]) -> StepMetrics | None:
+        """Train until ``total_steps`` or until ``batches`` runs out; returns the last metrics.
+
+        When resuming, ``batches`` must yield the same sequence as the interrupted run: the
+        batches it already consumed are skipped. Ctrl-C finishes the current step, writes a
+        checkpoint (if ``run_dir`` is set) and raises ``KeyboardInterrupt``; a second Ctrl-C
+        interrupts at once.
+        """
+        cfg = self.cfg
+        iterator = iter(batches)
+        for position in range(self.batches_seen):
+            if next(iterator, None) is None:
+                raise ValueError(f"batches ended at {position} but the run had consumed {self.batches_seen}")
+        bar = tqdm(total=cfg.total_steps, initial=self.step_count, disable=not cfg.progress, desc="train")
+        last = None
+        try:
+            with self._graceful_interrupt():
+                while self.step_count < cfg.total_steps:
+                    batch = next(iterator, None)
+                    if batch is None:
+                        break
+                    last = self.step(batch)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last.loss:.4g}", l0=f"{last.l0:.1f}", dead=last.n_dead)
+                    if self._stop_requested:
+                        raise KeyboardInterrupt
+                    if cfg.checkpoint_every and self.step_count % cfg.checkpoint_every == 0:
+                        self.save_checkpoint()
+        except KeyboardInterrupt:
+            if cfg.run_dir is not None:
+                path = self.save_checkpoint()
+                bar.write(f"interrupted at step {self.step_count}; checkpoint written to {path}")
+            raise
+        finally:
+            bar.close()
+        if cfg.run_dir is not None:
+            if not (cfg.checkpoint_every and self.step_count % cfg.checkpoint_every == 0):
+                self.save_checkpoint()  # unless the loop just wrote this very step
+            self.save_model(Path(cfg.run_dir) / "sae")
+        self.logger.close()
+        return last
+
+    @contextlib.contextmanager
+    def _graceful_interrupt(self):
+        """First SIGINT: finish the step, then stop. Only in the main thread (signal's rule)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self._stop_requested = False
+        previous = signal.getsignal(signal.SIGINT)
+
+        def request_stop(signum, frame):
+            self._stop_requested = True
+            signal.signal(signal.SIGINT, previous)  # a second Ctrl-C acts at once
+
+        signal.signal(signal.SIGINT, request_stop)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    # -- persistence -------------------------------------------------------------
+    @property
+    def checkpoint_root(self) -> Path:
+        if self.cfg.run_dir is None:
+            raise ValueError("this trainer has no run_dir, so it has nowhere to keep checkpoints")
+        return Path(self.cfg.run_dir) / "checkpoints"
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint of the current state under ``run_dir/checkpoints``."""
+        state = {
+            "step": self.step_count,
+            "tokens": self.tokens,
+            "batches_seen": self.batches_seen,
+            "input_scale": self.input_scale,
+            "initialised": self.initialised,
+            "train_config": dataclasses.asdict(self.cfg),
+        }
+        tensors = {"dead.tokens_since_fired": self.dead.tokens_since_fired}
+        return save_checkpoint(
+            self.checkpoint_root, self.step_count, self.model, self.optimizer, tensors, state, self.cfg.keep_checkpoints
+        )
+
+    def _resume(self) -> None:
+        found = checkpoints(self.checkpoint_root)
+        if not found:
+            return  # nothing to resume: a fresh run
+        path = found[-1]
+        verify(path)
+        state = json.loads((path / "trainer.json").read_text())
+        saved = TrainConfig(**state["train_config"])
+        diff = {
+            f.name: (getattr(saved, f.name), getattr(self.cfg, f.name))
+            for f in dataclasses.fields(TrainConfig)
+            if f.name not in _RESUMABLE and getattr(saved, f.name) != getattr(self.cfg, f.name)
+        }
+        if diff:
+            raise CheckpointError(f"checkpoint {path} was trained with another TrainConfig; (saved, current): {diff}")
+        tensors, _ = load_checkpoint(path, self.model, self.optimizer, verified=True)
+        self.dead.tokens_since_fired.copy_(tensors["dead.tokens_since_fired"])
+        self.step_count, self.tokens = state["step"], state["tokens"]
+        self.batches_seen, self.input_scale = state["batches_seen"], state["input_scale"]
+        self.initialised = state["initialised"]
+        self.logger.truncate_after(self.step_count)
+
+    def save_model(self, directory: str | Path) -> Path:
+        """Save the SAE for inference on raw inputs: the input scale is folded into a copy."""
+        model = self.model
+        if self.input_scale != 1.0:
+            model = fold_input_scale_(copy.deepcopy(model), self.input_scale)
+        return model.save(directory)

@@ -1,0 +1,99 @@
+"""Smoke tests of the benchmark runner (switch_sae.bench): quick mode end to end, the
+records' schema, and that validation catches a wrong implementation. No timing assertions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from switch_sae import reference
+from switch_sae.bench import QUICK, BenchConfig, ValidationError, check_close, run
+from switch_sae.bench.cases_ops import op_inputs, validate_op
+from switch_sae.bench.cases_train import dense_mask_forward, routed_forward, switch_model, validate_switch
+from switch_sae.bench.report import ratios
+
+REQUIRED = ("name", "n_experts", "d_in", "d_sae", "batch", "k", "status", "versions", "machine")
+TIMED = ("median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms", "repeats", "peak_mb", "validation")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cfg = BenchConfig(**{**QUICK, "repeats": 2, "warmup": 0}, cases=("train", "gemm", "ops"),
+                      peers=False, subprocess=False, out=str(out), quick=True)
+    return run(cfg, echo=lambda *_: None), out
+
+
+def test_quick_run_writes_records_with_the_schema(quick_run):
+    records, out = quick_run
+    assert json.loads((out / "latest.json").read_text()) == records
+    assert (out / "step_time.png").stat().st_size > 0 and (out / "breakdown.png").stat().st_size > 0
+    names = {r["name"] for r in records}
+    assert {"switch_sae", "dense_mask_reference", "routed_gemm_limit", "gemm_peak", "op_encode_topk"} <= names
+    for r in records:
+        assert r["status"] == "ok", r
+        for key in REQUIRED + TIMED:
+            assert key in r, (key, r["name"])
+        assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
+        assert r["versions"]["torch"] == torch.__version__
+        assert r["machine"]["torch_threads"] == QUICK["threads"]
+    steps = [r for r in records if r["name"] == "switch_sae"]
+    assert sorted(r["n_experts"] for r in steps) == sorted(QUICK["n_experts"])
+    assert all(r["d_sae"] == QUICK["d_sae"] and r["batch"] == QUICK["batch"] for r in steps)
+    assert all(set(r["phases_ms"]) == {"forward", "backward", "optimizer"} for r in steps)
+    rows = ratios(records)
+    assert [row["n_experts"] for row in rows] == sorted(QUICK["n_experts"])
+    assert all(row["speedup_vs_dense_mask"] > 0 for row in rows)
+
+
+def test_validation_passes_for_the_real_forward_and_catches_a_wrong_one():
+    torch.manual_seed(0)
+    model = switch_model(d_in=16, d_sae=64, n_experts=4, k=4)
+    x = torch.randn(32, 16)
+    assert validate_switch(routed_forward, model, x)["max_abs_err"] < 1e-4
+
+    def wrong_forward(model, x):  # a decoder that forgets b_dec
+        x_hat, probs, experts = dense_mask_forward(model, x)
+        return x_hat - model.b_dec, probs, experts
+
+    with torch.no_grad():
+        model.b_dec.normal_()
+    with pytest.raises(ValidationError, match="x_hat"):
+        validate_switch(wrong_forward, model, x)
+
+
+def test_validation_catches_a_wrong_gradient():
+    torch.manual_seed(0)
+    model = switch_model(d_in=16, d_sae=64, n_experts=4, k=4)
+    x = torch.randn(32, 16)
+
+    def detached_router(model, x):  # same outputs, but the router gets no gradient
+        x_hat, probs, experts = dense_mask_forward(model, x)
+        return x_hat, probs.detach(), experts
+
+    with pytest.raises(ValidationError, match="W_router"):
+        validate_switch(detached_router, model, x)
+
+
+def test_op_validation_catches_a_wrong_kernel():
+    spec = {**QUICK, "seed": 0}
+    args = op_inputs(spec, n_experts=4)["decode"]
+    assert validate_op("decode", reference.decode, args)["max_abs_err"] == 0.0
+    with pytest.raises(ValidationError, match="decode output 0"):
+        validate_op("decode", lambda v, i, W: reference.decode(v, i.flip(-1).roll(1, 0), W), args)
+
+
+def test_check_close_rejects_shape_and_nan():
+    with pytest.raises(ValidationError, match="shape"):
+        check_close("t", torch.zeros(2, 3), torch.zeros(3, 2))
+    with pytest.raises(ValidationError, match="NaN"):
+        check_close("t", torch.tensor([float("nan")]), torch.tensor([0.0]))
+
+
+def test_config_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="n_experts=3"):
+        BenchConfig(d_sae=64, k=4, n_experts=(3,))
+    with pytest.raises(ValueError, match="cases"):
+        BenchConfig(cases=("train", "bogus"))
