@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,6 +68,7 @@ def run(name: str, args, data: SyntheticActivations, eval_x: torch.Tensor) -> di
         lr=args.lr,
         normalize_inputs=True,
         dead_after_tokens=args.dead_after_tokens,
+        auxk=not args.no_auxk,
         progress=False,
         seed=args.seed,
     )
@@ -78,8 +80,8 @@ def run(name: str, args, data: SyntheticActivations, eval_x: torch.Tensor) -> di
         last = trainer.step(batch)
     seconds = time.perf_counter() - start
     # evaluate in raw units, as a user would after save_model (scale folded into the weights)
-    trainer.save_model(Path(args.out).parent / "synthetic_compare_models" / name)
-    folded = switch_sae.SAE.load(Path(args.out).parent / "synthetic_compare_models" / name)
+    with tempfile.TemporaryDirectory() as tmp:
+        folded = switch_sae.SAE.load(trainer.save_model(Path(tmp) / name))
     result = evaluate(folded, eval_x, data)
     result.update(
         steps=args.steps,
@@ -103,6 +105,7 @@ def main() -> None:
     parser.add_argument("--flop-experts", type=int, default=8, help="experts of the FLOP-matched Switch SAE (paper: 8)")
     parser.add_argument("--lr", type=float, default=None, help="default: 2e-4 / sqrt(d_sae / 2^14)")
     parser.add_argument("--dead-after-tokens", type=int, default=200_000)
+    parser.add_argument("--no-auxk", action="store_true", help="train without AuxK, as the paper did")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)

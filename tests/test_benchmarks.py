@@ -21,7 +21,7 @@ TIMED = ("median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms", "repeats", "peak_m
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    cfg = BenchConfig(**{**QUICK, "repeats": 2, "warmup": 0}, cases=("train", "gemm", "ops"),
+    cfg = BenchConfig(**{**QUICK, "repeats": 2, "warmup": 0}, cases=("train", "memory", "gemm", "ops"),
                       peers=False, subprocess=False, out=str(out), quick=True)
     return run(cfg, echo=lambda *_: None), out
 
@@ -39,10 +39,13 @@ def test_quick_run_writes_records_with_the_schema(quick_run):
         assert r["min_ms"] <= r["median_ms"] <= r["max_ms"]
         assert r["versions"]["torch"] == torch.__version__
         assert r["machine"]["torch_threads"] == QUICK["threads"]
-    steps = [r for r in records if r["name"] == "switch_sae"]
+    steps = [r for r in records if r["name"] == "switch_sae" and r["variant"] is None]
     assert sorted(r["n_experts"] for r in steps) == sorted(QUICK["n_experts"])
     assert all(r["d_sae"] == QUICK["d_sae"] and r["batch"] == QUICK["batch"] for r in steps)
     assert all(set(r["phases_ms"]) == {"forward", "backward", "optimizer"} for r in steps)
+    sweep = [r for r in records if r["variant"] == "memory_sweep"]
+    assert sorted({r["batch"] for r in sweep}) == [QUICK["batch"] // 4, QUICK["batch"] // 2]
+    assert all(r["n_experts"] == max(QUICK["n_experts"]) for r in sweep)
     rows = ratios(records)
     assert [row["n_experts"] for row in rows] == sorted(QUICK["n_experts"])
     assert all(row["speedup_vs_dense_mask"] > 0 for row in rows)

@@ -384,3 +384,13 @@ def test_corrupt_or_mismatched_checkpoints_are_refused(tmp_path):
     (ckpt / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="incomplete"):
         Trainer(make("topk"), config(total_steps=2, run_dir=str(tmp_path), resume=True))
+
+
+@pytest.mark.parametrize("arch, dtype", [("switch", "float64"), ("topk", "bfloat16"), ("jumprelu", "float64")])
+def test_other_parameter_dtypes_train_with_auxk(arch, dtype):
+    trainer = Trainer(make(arch, dtype=dtype), config(total_steps=30, dead_after_tokens=256))
+    history = [trainer.step(b) for b in batches(30)]
+    assert all(torch.isfinite(torch.tensor(m.loss)) for m in history)
+    assert sum(m.mse for m in history[-5:]) < sum(m.mse for m in history[:5])
+    if arch != "jumprelu":
+        assert "auxk" in history[-1].parts  # the live-latent mask bias fits the dtype

@@ -28,10 +28,12 @@ void decode_backward_kernel(const scalar_t* grad_out, const scalar_t* values,
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(k * d_in, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t s = begin * k; s < end * k; ++s) {
-      const acc_t g = cpu::dot<scalar_t, acc_t>(grad_out + (s / k) * d_in, W_dec + indices[s] * d_in, d_in);
-      grad_values[s] = static_cast<scalar_t>(g);
-    }
+    cpu::with_best_isa([&] {
+      for (int64_t s = begin * k; s < end * k; ++s) {
+        const acc_t g = cpu::dot<scalar_t, acc_t>(grad_out + (s / k) * d_in, W_dec + indices[s] * d_in, d_in);
+        grad_values[s] = static_cast<scalar_t>(g);
+      }
+    });
   });
   cpu::reduce_by_feature<scalar_t>(
       groups, d_in, grad_W_dec, /*weight_sums=*/nullptr,

@@ -36,14 +36,16 @@ void encode_backward_kernel(const std::vector<at::opmath_type<scalar_t>>& grad_p
   const int64_t per_token = n_active * k;  // entries of one token, contiguous
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(per_token * d_in, 1));
   at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(d_in);  // [d_in], one token at a time
-    for (int64_t t = begin; t < end; ++t) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t s = t * per_token; s < (t + 1) * per_token; ++s) {
-        cpu::axpy<scalar_t, acc_t>(acc.data(), grad_pre[s], W_flat + indices[s] * d_in, d_in);
+    cpu::with_best_isa([&] {
+      std::vector<acc_t> acc(d_in);  // [d_in], one token at a time
+      for (int64_t t = begin; t < end; ++t) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t s = t * per_token; s < (t + 1) * per_token; ++s) {
+          cpu::axpy<scalar_t, acc_t>(acc.data(), grad_pre[s], W_flat + indices[s] * d_in, d_in);
+        }
+        cpu::store<scalar_t, acc_t>(grad_x + t * d_in, acc.data(), d_in);
       }
-      cpu::store<scalar_t, acc_t>(grad_x + t * d_in, acc.data(), d_in);
-    }
+    });
   });
   cpu::reduce_by_feature<scalar_t>(
       groups, d_in, grad_W_flat, grad_b_enc, [&](int64_t s) { return grad_pre[s]; },

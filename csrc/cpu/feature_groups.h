@@ -40,21 +40,23 @@ void reduce_by_feature(const FeatureGroups& groups, int64_t d_in, scalar_t* out,
   const int64_t n_features = static_cast<int64_t>(groups.offsets.size()) - 1;
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(d_in, 1));
   at::parallel_for(0, n_features, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(d_in);  // [d_in]
-    for (int64_t f = begin; f < end; ++f) {
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      acc_t total = 0;
-      for (int64_t i = groups.offsets[f]; i < groups.offsets[f + 1]; ++i) {
-        const int64_t s = groups.slots[i];
-        const acc_t w = weight(s);
-        total += w;
-        axpy<scalar_t, acc_t>(acc.data(), w, row(s), d_in);
+    with_best_isa([&] {
+      std::vector<acc_t> acc(d_in);  // [d_in]
+      for (int64_t f = begin; f < end; ++f) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        acc_t total = 0;
+        for (int64_t i = groups.offsets[f]; i < groups.offsets[f + 1]; ++i) {
+          const int64_t s = groups.slots[i];
+          const acc_t w = weight(s);
+          total += w;
+          axpy<scalar_t, acc_t>(acc.data(), w, row(s), d_in);
+        }
+        store<scalar_t, acc_t>(out + f * d_in, acc.data(), d_in);
+        if (weight_sums != nullptr) {
+          weight_sums[f] = static_cast<scalar_t>(total);
+        }
       }
-      store<scalar_t, acc_t>(out + f * d_in, acc.data(), d_in);
-      if (weight_sums != nullptr) {
-        weight_sums[f] = static_cast<scalar_t>(total);
-      }
-    }
+    });
   });
 }
 

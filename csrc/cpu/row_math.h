@@ -2,15 +2,45 @@
 // encode_backward): accumulate scaled rows, dot products, and the final cast.
 //
 // Accumulation is in at::opmath_type<scalar_t>: float for bfloat16/float16, the type
-// itself for float32/float64. Loops are plain so the compiler vectorises them for the
-// baseline ISA of the build; every sum runs in a fixed order, so results are
-// bitwise reproducible run to run and independent of the thread count.
+// itself for float32/float64. Loops are plain so the compiler vectorises them; every sum
+// runs in a fixed order, so results are bitwise reproducible run to run and independent
+// of the thread count.
+//
+// ISA: the extension is compiled for the baseline x86-64 ISA (SSE2) so that one build
+// runs on any CPU. with_best_isa(fn) runs fn compiled a second time for AVX2+FMA when
+// the CPU has them (about 1.5x faster on these gather-sums). Results may then differ in
+// the last bits from a machine without AVX2 (fused multiply-add), never run to run.
 #pragma once
 #include <ATen/OpMathType.h>
 
 #include <cstdint>
 
 namespace switch_sae::cpu {
+
+#if defined(__GNUC__) && defined(__x86_64__)
+inline bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+// flatten inlines everything fn calls, so the whole body is compiled for AVX2+FMA.
+template <typename Fn>
+__attribute__((target("avx2,fma"), flatten)) void call_avx2_fma(const Fn& fn) {
+  fn();
+}
+#endif
+
+// Runs fn() in its fastest compiled form for this CPU.
+template <typename Fn>
+inline void with_best_isa(const Fn& fn) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (cpu_has_avx2_fma()) {
+    call_avx2_fma(fn);
+    return;
+  }
+#endif
+  fn();
+}
 
 // acc[0:n] += scale * row[0:n]
 template <typename scalar_t, typename acc_t>

@@ -97,7 +97,8 @@ std::tuple<at::Tensor, at::Tensor> group_by_key(const at::Tensor& keys, int64_t 
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   auto bin_offsets = at::zeros({n_bins + 1}, keys.options());  // [n_bins + 1]
-  at::cumsum_out(bin_offsets.narrow(0, 1, n_bins), counts, 0);
+  auto bin_ends = bin_offsets.narrow(0, 1, n_bins);  // [n_bins], a view
+  at::cumsum_out(bin_ends, counts, 0);
   // int32 keys: half the radix passes of int64 (keys fit: n_bins <= INT32_MAX, checked).
   auto perm = std::get<1>(at::sort(flat_keys.to(at::kInt), /*stable=*/true, /*dim=*/0,
                                    /*descending=*/false));  // [n] int64

@@ -38,7 +38,6 @@ from .harvest import iter_activations
 
 MANIFEST = "manifest.json"
 FORMAT = "switch_sae.activation_cache/1"
-_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
 
@@ -78,6 +77,8 @@ class CacheSpec:
 
 @dataclass
 class Manifest:
+    """Contents of ``manifest.json``: the spec and the shards written so far."""
+
     spec: CacheSpec
     shards: list[dict[str, Any]] = field(default_factory=list)
     """Per shard: file, rows, contexts, sha256."""

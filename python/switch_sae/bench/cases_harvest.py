@@ -1,15 +1,18 @@
 """Activation harvest rate (tokens/s), to set next to the SAE training rate.
 
-No weights may be downloaded here, so the model is built from a config with random
-weights: a GPT-NeoX of Pythia-70m's shape (6 layers, d_model = d_in = 512, 8 heads,
-d_mlp 2048, vocabulary 50304) wrapped in TransformerLens's ``TransformerBridge``, and
-harvested with ``switch_sae.activations.harvest`` at ``blocks.3.hook_resid_post``
-(``stop_at_layer`` skips the last two blocks and the unembedding). Compute per token does
-not depend on the weights' values, so the rate is that of the real model of this shape.
-One call harvests ``batch`` tokens (``batch // context`` contexts), the tokens of one SAE step.
+The model is the package's default model (``activations.load_default_model``:
+SmolLM2-135M, harvested at ``DEFAULT_HOOK``, ``blocks.9.hook_resid_post``) when it is
+installed. Otherwise, and in quick mode, it is built from a config with random weights
+(nothing may be downloaded): a GPT-NeoX of Pythia-70m's shape (6 layers, d_model = d_in,
+8 heads), or a tiny one when quick, wrapped in TransformerLens's ``TransformerBridge`` and
+harvested at ``blocks.3.hook_resid_post``; compute per token does not depend on the
+weights' values. Token ids are random: the rate of a forward pass does not depend on them.
+One call harvests ``min(batch, 1024)`` tokens in contexts of 128 through
+``activations.harvest`` (which stops after the hook's block); a rate is per token, and a
+CPU forward of the default model over a whole SAE batch would take minutes per call.
 
-What it leaves out: tokenisation and dataset reading (they overlap with the model on a
-real run and are cheap next to it).
+What it leaves out: tokenisation and dataset reading (cheap next to the model, and they
+overlap with it on a real run).
 """
 
 from __future__ import annotations
@@ -18,36 +21,47 @@ import torch
 
 from .measure import peak_memory, time_calls
 
-HOOK = "blocks.3.hook_resid_post"
 
-
-def harvest_model(d_model: int, quick: bool):
+def random_model(d_model: int, quick: bool):
     """A random-weight GPT-NeoX (Pythia-70m's shape, or tiny when ``quick``) as a bridge."""
     import transformers
-    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    from ..activations.default_model import wrap_hf_model
 
     shape = (dict(num_hidden_layers=4, num_attention_heads=4, intermediate_size=4 * d_model, vocab_size=1000)
-             if quick else dict(num_hidden_layers=6, num_attention_heads=8, intermediate_size=2048, vocab_size=50304))
-    cfg = transformers.GPTNeoXConfig(hidden_size=d_model, max_position_embeddings=2048, rotary_pct=0.25, **shape)
-    model = transformers.GPTNeoXForCausalLM(cfg).eval()
-    return build_bridge_from_module(model, "GPTNeoXForCausalLM", hf_config=cfg), cfg
+             if quick else dict(num_hidden_layers=6, num_attention_heads=8, intermediate_size=4 * d_model, vocab_size=50304))
+    cfg = transformers.GPTNeoXConfig(hidden_size=d_model, max_position_embeddings=2048, rotary_pct=0.25,
+                                     architectures=["GPTNeoXForCausalLM"], **shape)
+    label = f"GPT-NeoX {cfg.num_hidden_layers} layers, d_model {d_model} (random weights)"
+    return wrap_hf_model(transformers.GPTNeoXForCausalLM(cfg).eval(), None, label), label, "blocks.3.hook_resid_post"
+
+
+def harvest_model(spec: dict):
+    """(model, label, hook): the default model when installed and not quick, else a random one."""
+    from ..activations import DEFAULT_HOOK, default_model_available, load_default_model
+    from ..activations.default_model import DEFAULT_MODEL_LABEL
+
+    if not spec["quick"] and default_model_available():
+        return load_default_model(), DEFAULT_MODEL_LABEL, DEFAULT_HOOK
+    return random_model(spec["d_in"], spec["quick"])
 
 
 def harvest_records(spec: dict, timing: dict) -> list[dict]:
-    from ..activations.harvest import harvest
+    from ..activations import harvest
 
     context = 16 if spec["quick"] else 128
-    model, cfg = harvest_model(spec["d_in"], spec["quick"])
-    contexts = max(1, spec["batch"] // context)
+    model, label, hook = harvest_model(spec)
     g = torch.Generator().manual_seed(spec["seed"])
-    tokens = torch.randint(0, cfg.vocab_size, (contexts, context), generator=g)  # [contexts, context]
-    acts = harvest(model, tokens, HOOK)[HOOK]  # [contexts * context, d_in]
-    if acts.shape != (tokens.numel(), spec["d_in"]) or not torch.isfinite(acts).all():
+    contexts = max(1, min(spec["batch"], 1024) // context)
+    tokens = torch.randint(0, model.cfg.d_vocab, (contexts, context), generator=g)  # [contexts, context]
+    timing = {**timing, "warmup": min(timing["warmup"], 1)}  # one call warms every layer up
+    acts = harvest(model, tokens, hook)[hook]  # [contexts * context, d_model]
+    if acts.shape[0] != tokens.numel() or not torch.isfinite(acts).all():
         raise RuntimeError(f"harvest returned {tuple(acts.shape)} activations for {tuple(tokens.shape)} tokens")
-    stats = time_calls(lambda: harvest(model, tokens, HOOK), **timing)
+    stats = time_calls(lambda: harvest(model, tokens, hook), **timing)
     return [{
-        "name": "harvest", "variant": f"GPTNeoX {cfg.num_hidden_layers}L d_model {cfg.hidden_size} (random weights), {HOOK}",
-        "n_experts": None, "batch": tokens.numel(), **stats, **peak_memory(lambda: harvest(model, tokens, HOOK)),
+        "name": "harvest", "variant": f"{label}, {hook}", "n_experts": None, "batch": tokens.numel(),
+        "d_in": acts.shape[1], **stats, **peak_memory(lambda: harvest(model, tokens, hook)),
         "tokens_per_s": tokens.numel() / stats["median_ms"] * 1e3,
         "validation": {"against": "shape and finiteness of the harvested activations"},
     }]

@@ -49,7 +49,22 @@ def gemm_records(spec: dict, timing: dict) -> list[dict]:
     n = spec["gemm_peak_size"]
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     records.append({"name": "gemm_peak", "variant": f"{n}x{n}x{n}", "n_experts": None, **gemm_record(a, b, timing)})
+    records.append(copy_record(spec["d_sae"] * spec["d_in"], timing))
     return records
+
+
+def copy_record(numel: int, timing: dict) -> dict:
+    """``memory_bandwidth``: GB/s of copying one float32 tensor of a parameter's size, the
+    bound of the memory-bound parts of a step (Adam, sparse gathers, gradient writes)."""
+    src, dst = torch.randn(numel), torch.empty(numel)
+    dst.copy_(src)
+    if not torch.equal(dst, src):
+        raise ValidationError("memory_bandwidth: copy_ did not reproduce its source")
+    stats = time_calls(lambda: dst.copy_(src), **timing)
+    moved = 2 * numel * src.element_size()  # one read and one write per element
+    return {"name": "memory_bandwidth", "variant": f"copy_ of {numel * src.element_size() / 2**20:.3g} MiB", "n_experts": None,
+            **stats, **peak_memory(lambda: dst.copy_(src)), "bytes": moved, "gb_per_s": moved / stats["median_ms"] / 1e6,
+            "validation": {"against": "torch.equal with the source"}}
 
 
 def op_inputs(spec: dict, n_experts: int) -> dict[str, tuple]:
@@ -101,5 +116,17 @@ def op_records(spec: dict, timing: dict) -> list[dict]:
                 stats = time_calls(lambda: fn(*args), **timing)
                 records.append({"name": f"op_{name}", "variant": variant, "n_experts": n_experts,
                                 "d_expert": spec["d_sae"] // n_experts, **stats,
-                                **peak_memory(lambda: fn(*args)), "validation": validation})
+                                **peak_memory(lambda: fn(*args)), "validation": validation,
+                                "profile_ms": profile_call(lambda: fn(*args))})
     return records
+
+
+def profile_call(fn: Callable[[], object], top: int = 4) -> dict[str, float]:
+    """Self CPU time (ms) of the ``top`` costliest ATen/custom ops of one call of ``fn``:
+    shows, e.g., how encode_topk splits between its GEMMs, its TopK and its own loops."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {e.key: e.self_cpu_time_total / 1e3 for e in events[:top]}

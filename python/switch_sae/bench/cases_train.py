@@ -8,7 +8,8 @@
   (``AutoEncoderTopK``), at the same total width (``variant="width_matched"``) or at one
   expert's width (``variant="flop_matched"``).
 
-Every step is loss, ``backward``, ``torch.optim.Adam.step``; no AuxK, no decoder
+Every step is loss, ``backward``, ``torch.optim.Adam.step`` (fused unless the run says
+otherwise, the same for every implementation); no AuxK, no decoder
 re-normalisation, so the comparison is of the model's compute. Switch steps add the
 load-balancing loss. Before timing, each implementation is checked on ``validate_batch``
 tokens: ours against the dense-and-mask reference (reconstruction and every gradient),
@@ -42,11 +43,17 @@ class TrainCase:
     validation: dict
     phases: list[tuple[float, float, float]] = field(default_factory=list)
     """(forward, backward, optimiser) seconds of every call of ``step``."""
+    param_mb: float = 0.0
+    """Size of the trained parameters: a step's gradients and each Adam state are as large."""
 
 
-def timed_step(params: list[nn.Parameter], loss_fn: Callable[[], Tensor]) -> tuple[Callable[[], None], list]:
+def size_mb(params: list[nn.Parameter]) -> float:
+    return sum(p.numel() * p.element_size() for p in params) / 2**20
+
+
+def timed_step(params: list[nn.Parameter], loss_fn: Callable[[], Tensor], fused: bool) -> tuple[Callable[[], None], list]:
     """Wrap ``loss_fn`` into a full Adam step that records its phase times."""
-    opt = torch.optim.Adam(params, lr=LR)
+    opt = torch.optim.Adam(params, lr=LR, fused=fused or None)
     phases: list[tuple[float, float, float]] = []
 
     def step() -> None:
@@ -114,8 +121,9 @@ def build_switch(impl: str, spec: dict, x: Tensor) -> TrainCase:
         validation = {"against": "itself (it is the reference)"}
     else:
         validation = validate_switch(forward, model, x[: spec["validate_batch"]])
-    step, phases = timed_step(list(model.parameters()), lambda: switch_loss(x, *forward(model, x)))
-    return TrainCase(step, validation, phases)
+    params = list(model.parameters())
+    step, phases = timed_step(params, lambda: switch_loss(x, *forward(model, x)), spec["fused_adam"])
+    return TrainCase(step, validation, phases, size_mb(params))
 
 
 # ------------------------------------------------------------------ dense TopK SAEs of other libraries
@@ -159,8 +167,9 @@ def build_saelens(spec: dict, x: Tensor) -> TrainCase:
                                     n_training_steps=0, is_logging_step=False)
         return sae.training_forward_pass(step_input).loss
 
-    step, phases = timed_step(list(sae.parameters()), loss)
-    return TrainCase(step, validation, phases)
+    params = list(sae.parameters())
+    step, phases = timed_step(params, loss, spec["fused_adam"])
+    return TrainCase(step, validation, phases, size_mb(params))
 
 
 def build_dictlearning(spec: dict, x: Tensor) -> TrainCase:
@@ -174,8 +183,9 @@ def build_dictlearning(spec: dict, x: Tensor) -> TrainCase:
         ae, x[: spec["validate_batch"]], ae.encoder.weight.detach(), ae.encoder.bias.detach(),
         ae.decoder.weight.detach().T, ae.b_dec.detach(), spec["k"],
     )
-    step, phases = timed_step(list(ae.parameters()), lambda: mse(x, ae(x)))
-    return TrainCase(step, validation, phases)
+    params = list(ae.parameters())
+    step, phases = timed_step(params, lambda: mse(x, ae(x)), spec["fused_adam"])
+    return TrainCase(step, validation, phases, size_mb(params))
 
 
 PEER_MODULES = {"saelens_topk": "sae_lens", "dictlearning_topk": "dictionary_learning"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-CASES = ("train", "gemm", "ops", "harvest")
+CASES = ("train", "memory", "gemm", "ops", "harvest")
 
 
 @dataclass
@@ -27,11 +27,13 @@ class BenchConfig:
     n_experts: tuple[int, ...] = (1, 4, 16, 64)
     """Expert counts to sweep; each must divide d_sae and leave at least k features per expert."""
     cases: tuple[str, ...] = CASES
-    """Which case families to run: train (training steps of every implementation), gemm (the routed encoder GEMM limit and the machine's GEMM rate), ops (per-op timings vs the reference ops), harvest (activation harvest rate)."""
+    """Which case families to run: train (training steps of every implementation), memory (peak memory of our step and the dense-and-mask one at the largest n_experts for batch/4, batch/2, batch), gemm (the routed encoder GEMM limit and the machine's GEMM rate), ops (per-op timings vs the reference ops), harvest (activation harvest rate)."""
     peers: bool = True
     """Also time the dense TopK SAEs of sae-lens and dictionary-learning when they import."""
     peer_path: str = ""
     """Extra import path holding sae-lens / dictionary-learning (a `pip install --target` folder) when they cannot be installed next to this torch; the env var SWITCH_SAE_BENCH_PEERS is used when this is empty."""
+    fused_adam: bool = True
+    """Step every implementation with torch's fused Adam (one pass per parameter; on CPU several times faster than the default multi-tensor Adam, whose passes over the parameters dominate a routed step); --no-fused-adam for the default."""
     warmup: int = 2
     """Untimed calls before timing (first-call allocations, thread-pool start-up)."""
     repeats: int = 7

@@ -6,9 +6,11 @@ this machine's default configuration).
 
 from __future__ import annotations
 
+import datetime
 import importlib.metadata
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -50,12 +52,20 @@ def dist_version(name: str) -> str | None:
         return None
 
 
+def extension_built() -> str:
+    """Modification time (UTC) of the loaded ``switch_sae._C`` binary: tells which build of
+    the kernels a record timed while they are still being worked on."""
+    path = Path(sys.modules["switch_sae._C"].__file__)
+    return datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def versions() -> dict:
     """Versions of python, torch, switch_sae (and whether its compiled ops are loaded), peers."""
     from .. import __version__, ops
 
     found = {"python": platform.python_version(), "torch": torch.__version__,
-             "switch_sae": __version__, "switch_sae_extension": ops.HAS_EXTENSION}
+             "switch_sae": __version__, "switch_sae_extension": ops.HAS_EXTENSION,
+             "switch_sae_extension_built": extension_built() if ops.HAS_EXTENSION else None}
     for name in PEER_DISTRIBUTIONS:
         found[name] = dist_version(name)
     return found

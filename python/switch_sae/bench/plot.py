@@ -20,8 +20,7 @@ WIDTH_LINES = (("saelens_topk", "sae-lens TopK, full width"), ("dictlearning_top
 
 
 def _ok(records: list[dict], name: str, variant: str | None = None) -> list[dict]:
-    return [r for r in records if r["name"] == name and r.get("status") == "ok"
-            and (variant is None or r.get("variant") == variant)]
+    return [r for r in records if r["name"] == name and r.get("status") == "ok" and r.get("variant") == variant]
 
 
 def plot_step_times(records: list[dict], path: Path) -> Path:
@@ -60,7 +59,7 @@ def plot_breakdown(records: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    experts = sorted({r["n_experts"] for r in _ok(records, "op_dispatch")})
+    experts = sorted({r["n_experts"] for r in _ok(records, "op_dispatch", "switch_sae")})
     fig, (ax_ops, ax_phase) = plt.subplots(1, 2, figsize=(12, 4.5))
     width = 0.8 / max(1, 2 * len(experts))
     for j, n in enumerate(experts):

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 
 def find(records: list[dict], name: str, n_experts: int | None = None, variant: str | None = None) -> dict | None:
-    """The first ``ok`` record with this name (and expert count / variant when given)."""
+    """The first ``ok`` record with this name and variant (and expert count when given)."""
     for r in records:
-        if (r["name"] == name and r.get("status") == "ok"
-                and (n_experts is None or r.get("n_experts") == n_experts)
-                and (variant is None or r.get("variant") == variant)):
+        if (r["name"] == name and r.get("status") == "ok" and r.get("variant") == variant
+                and (n_experts is None or r.get("n_experts") == n_experts)):
             return r
     return None
 
@@ -71,6 +70,7 @@ def records_table(records: list[dict]) -> str:
         if r.get("status") == "ok":
             timing = f"{r['median_ms']:.4g} [{r['q25_ms']:.4g}, {r['q75_ms']:.4g}]"
             extra = (f"{r['gflops']:.1f} GFLOP/s" if "gflops" in r
+                     else f"{r['gb_per_s']:.1f} GB/s" if "gb_per_s" in r
                      else f"{r['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in r else "")
         else:
             timing, extra = "-", r.get("error", "")[:80]
@@ -102,6 +102,26 @@ def phase_table(records: list[dict]) -> str:
             p = r["phases_ms"]
             lines.append(f"| {r['name']} | {r.get('variant') or ''} | {_fmt(r.get('n_experts'))} | {p['forward']:.4g} "
                          f"| {p['backward']:.4g} | {p['optimizer']:.4g} |")
+    return "\n".join(lines)
+
+
+def memory_table(records: list[dict]) -> str:
+    """Peak MB of one step at the largest n_experts for each batch: ours against dense-and-mask."""
+    steps = [r for r in records if r.get("status") == "ok" and r["name"] in ("switch_sae", "dense_mask_reference")]
+    if not steps:
+        return ""
+    n = max(r["n_experts"] for r in steps)
+    batches = sorted({r["batch"] for r in steps if r["n_experts"] == n and r.get("variant") in (None, "memory_sweep")})
+    lines = [f"| batch (n_experts = {n}) | switch_sae peak MB | dense-and-mask peak MB | switch_sae param MB |",
+             "|---|---|---|---|"]
+    for b in batches:
+        peak = {}
+        for r in steps:
+            if r["n_experts"] == n and r["batch"] == b and r.get("variant") in (None, "memory_sweep"):
+                peak[r["name"]] = r
+        ours, dense = peak.get("switch_sae"), peak.get("dense_mask_reference")
+        lines.append(f"| {b} | {_fmt(ours and ours.get('peak_mb'), '.0f')} | {_fmt(dense and dense.get('peak_mb'), '.0f')} "
+                     f"| {_fmt(ours and ours.get('param_mb'), '.0f')} |")
     return "\n".join(lines)
 
 

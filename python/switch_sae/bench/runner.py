@@ -46,6 +46,12 @@ def plan(cfg: BenchConfig) -> list[dict]:
                     if n > 1:  # at n_experts = 1 one expert's width is the full width
                         specs.append({**common, "family": "train", "name": impl, "impl": impl,
                                       "variant": "flop_matched", "n_experts": n, "d_sae": cfg.d_sae // n})
+    if "memory" in cfg.cases:
+        for batch in (cfg.batch // 4, cfg.batch // 2):  # the full batch is a "train" case already
+            for impl in ("switch_sae", "dense_mask_reference"):
+                specs.append({**common, "family": "train", "name": impl, "impl": impl, "variant": "memory_sweep",
+                              "n_experts": max(cfg.n_experts), "batch": batch, "warmup": 1, "repeats": 1,
+                              "validate_batch": min(cfg.validate_batch, batch)})
     for family in ("gemm", "ops", "harvest"):
         if family in cfg.cases:
             specs.append({**common, "family": family, "name": family, "variant": None, "n_experts": None})
@@ -87,6 +93,7 @@ def run(cfg: BenchConfig, *, echo=print) -> list[dict]:
             status = f"{r['median_ms']:.4g} ms" if r.get("status") == "ok" else f"{r['status']}: {r.get('error', '')}"
             echo(f"    {r['name']} {r.get('variant') or ''} n_experts={r.get('n_experts')}: {status}")
         records.extend(new)
+        atomic_write_json(records, Path(cfg.out) / "latest.json")  # a long run keeps what it measured
     write_results(records, Path(cfg.out))
     return records
 
@@ -99,6 +106,7 @@ def summary(records: list[dict]) -> str:
         f"Machine: {report.machine_line(records)}" + (f"; peers: {peers}" if peers else ""),
         "## Ratios (issue 8 targets)", report.ratio_table(records),
         "## Training step by phase", report.phase_table(records),
+        "## Peak memory of a step against batch", report.memory_table(records),
         "## All records", report.records_table(records),
     ]) + "\n"
 

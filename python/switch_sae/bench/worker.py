@@ -41,7 +41,7 @@ def train_records(spec: dict, timing: dict) -> list[dict]:
     timed = case.phases[-stats["repeats"]:]
     phases = {name: sorted(p[i] for p in timed)[len(timed) // 2] * 1e3
               for i, name in enumerate(("forward", "backward", "optimizer"))}
-    return [{**stats, **peak_memory(case.step), "phases_ms": phases,
+    return [{**stats, **peak_memory(case.step), "phases_ms": phases, "param_mb": case.param_mb,
              "tokens_per_s": spec["batch"] / stats["median_ms"] * 1e3, "validation": case.validation}]
 
 

@@ -117,7 +117,9 @@ def shape_of(obj: Any) -> SAEShape:
     cfg = getattr(obj, "cfg", obj)
     architecture = getattr(obj, "architecture", None) if hasattr(obj, "cfg") else None
     if architecture is None:
-        matches = [name for name, cls in _REGISTRY.items() if isinstance(cfg, cls.config_class)]
+        # Exact type first: one config class may subclass another's.
+        matches = [name for name, cls in _REGISTRY.items() if type(cfg) is cls.config_class]
+        matches = matches or [name for name, cls in _REGISTRY.items() if isinstance(cfg, cls.config_class)]
         if not matches:
             raise TypeError(f"cannot tell the architecture of a {type(obj).__name__}; pass an SAE, its config or an SAEShape")
         architecture = matches[0]

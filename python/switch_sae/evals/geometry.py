@@ -71,11 +71,8 @@ def directions(source: Any) -> Tensor:
 
 def encoder_directions(sae: Any) -> Tensor:
     """``[d_sae, d_in]`` encoder rows of an SAE (feature scaling applied for Switch SAEs)."""
-    W = sae.encoder_weight() if hasattr(sae, "encoder_weight") else sae.W_enc
-    W = W.detach()
-    if W.dim() == 2 and W.shape == (sae.d_in, sae.d_sae) and sae.d_in != sae.d_sae:
-        W = W.T  # SAELens-style [d_in, d_sae] layout
-    return directions(W.reshape(sae.d_sae, sae.d_in))
+    W = sae.encoder_weight() if hasattr(sae, "encoder_weight") else sae.W_enc  # rows are directions
+    return directions(W.detach().reshape(sae.d_sae, sae.d_in))
 
 
 def chunk_rows_for(n: int, budget: int = DEFAULT_BUDGET) -> int:

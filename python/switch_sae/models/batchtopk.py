@@ -98,7 +98,8 @@ class BatchTopKSAE(DictionarySAE):
         budget = min(self.cfg.k * values.shape[0], values.numel())
         kth = torch.topk(values.detach().flatten(), budget, sorted=False).values.min()
         # Ties at the k*batch-th value are kept whole: they are equal, so which one is immaterial.
-        counts = (values.detach() >= kth).sum(-1)
+        # Zeros (ReLU'd) are never kept: they add nothing and would only widen the code.
+        counts = ((values.detach() >= kth) & (values.detach() > 0)).sum(-1)
         aux = self._update_threshold_(values.detach(), counts) if update_threshold else {}
         return keep_prefix(values, indices, counts), aux
 

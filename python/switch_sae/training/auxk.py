@@ -44,8 +44,8 @@ def mask_bias(dead: Tensor, dtype: torch.dtype) -> Tensor:
     A quarter of the dtype's largest value keeps ``pre + bias`` finite (no inf - inf) while
     dwarfing any real pre-activation, in float16/bfloat16 as in float32.
     """
-    live_penalty = -torch.finfo(dtype).max / 4
-    return torch.where(dead, 0.0, live_penalty).to(dtype)
+    live_penalty = torch.full(dead.shape, -torch.finfo(dtype).max / 4, dtype=dtype, device=dead.device)
+    return live_penalty.masked_fill(dead, 0.0)
 
 
 def dead_latent_code(model: SAE, x: Tensor, out: ForwardOutput, dead: Tensor, k_aux: int) -> SparseCode:

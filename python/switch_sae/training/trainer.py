@@ -111,7 +111,7 @@ class Trainer:
         with self._autocast():
             out = model(x)
             terms = self.loss_terms(x, out)
-        loss = torch.stack(list(terms.values())).sum()
+        loss = sum(terms.values())  # a Python sum: the terms may differ in dtype
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"loss is {loss.item()} at step {self.step_count} (terms: "

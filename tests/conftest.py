@@ -1,0 +1,24 @@
+"""Fixtures shared by several test modules."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def default_lm():
+    """The embedded default language model (SmolLM2-135M), loaded once per test session."""
+    from switch_sae.activations import load_default_model
+
+    return load_default_model()
+
+
+@pytest.fixture
+def patched_lm(monkeypatch, default_lm):
+    """Make the CLI and the demo reuse ``default_lm`` instead of loading the model again."""
+    import switch_sae.demo
+    import switch_sae.pipeline
+
+    for module in (switch_sae.pipeline, switch_sae.demo):
+        monkeypatch.setattr(module, "load_language_model", lambda cfg: default_lm)
+    return default_lm
