@@ -1,12 +1,12 @@
 """Feature geometry of Switch SAEs vs a TopK SAE trained on the same synthetic activations.
 
 Trains (with ``switch_sae.training.Trainer``, the paper's recipe + AuxK) a TopK SAE and Switch
-SAEs of the same total width (width-matched) on ``switch_sae.data.synthetic`` activations,
+SAEs of the same total width (width-matched) and one FLOP-matched Switch SAE on ``switch_sae.data.synthetic`` activations,
 scores each on one held-out batch (MSE, L0, ground-truth recovery), then runs
 ``switch_sae.evals.analyze_runs`` on all of them: duplicate fraction, duplicate groups,
 expert-similarity matrices (random-block control for the TopK SAE), t-SNE, plots.
 
-    python benchmarks/geometry_synthetic.py [--steps 1500] [--out benchmarks/results/geometry_synthetic]
+    python benchmarks/geometry_synthetic.py [--steps 800] [--models topk switch8 ...] [--out DIR]
 
 Outputs go to ``--out`` (ignored by git): one run folder per SAE and ``report/``.
 """
@@ -34,6 +34,8 @@ def models(d_in: int, d_sae: int, k: int) -> dict[str, object]:
         "switch8": SwitchSAE(SwitchSAEConfig(d_in=d_in, n_experts=8, d_expert=d_sae // 8, k=k)),
         "switch16": SwitchSAE(SwitchSAEConfig(d_in=d_in, n_experts=16, d_expert=d_sae // 16, k=k)),
         "switch16_active2": SwitchSAE(SwitchSAEConfig(d_in=d_in, n_experts=16, d_expert=d_sae // 16, k=k, n_active=2)),
+        # FLOP-matched: every expert as wide as the TopK SAE, 8x the features.
+        "switch8_flop": SwitchSAE(SwitchSAEConfig(d_in=d_in, n_experts=8, d_expert=d_sae, k=k)),
     }
 
 
@@ -55,17 +57,20 @@ def score(sae, data: SyntheticActivations, x: torch.Tensor) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=800)
     parser.add_argument("--batch", type=int, default=1024)
     parser.add_argument("--d-sae", type=int, default=1024)
     parser.add_argument("--k", type=int, default=8)
     parser.add_argument("--out", default="benchmarks/results/geometry_synthetic")
+    parser.add_argument("--models", nargs="*", help="subset of the model names to train (default: all)")
     args = parser.parse_args()
     out = Path(args.out)
     data = SyntheticActivations(SyntheticConfig(d_in=64, n_features=2000, n_clusters=16, features_per_token=8))
     held_out = data.sample(8192, torch.Generator().manual_seed(12345)).x
     run_dirs, summary = [], {}
     for name, sae in models(64, args.d_sae, args.k).items():
+        if args.models and name not in args.models:
+            continue
         run_dir = out / name
         cfg = TrainConfig(total_steps=args.steps, run_dir=str(run_dir), progress=False, log_every=50, seed=0)
         start = time.perf_counter()

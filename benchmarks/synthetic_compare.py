@@ -69,6 +69,8 @@ def run(name: str, args, data: SyntheticActivations, eval_x: torch.Tensor) -> di
         normalize_inputs=True,
         dead_after_tokens=args.dead_after_tokens,
         auxk=not args.no_auxk,
+        auxk_coefficient=args.auxk_coefficient,
+        lb_alpha=args.lb_alpha,
         progress=False,
         seed=args.seed,
     )
@@ -106,6 +108,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=None, help="default: 2e-4 / sqrt(d_sae / 2^14)")
     parser.add_argument("--dead-after-tokens", type=int, default=200_000)
     parser.add_argument("--no-auxk", action="store_true", help="train without AuxK, as the paper did")
+    parser.add_argument("--auxk-coefficient", type=float, default=1 / 32)
+    parser.add_argument("--lb-alpha", type=float, default=3.0)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)

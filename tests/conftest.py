@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from lm_models import MODEL_KINDS, tiny_model
+
+
+@pytest.fixture(scope="session", params=MODEL_KINDS)
+def tiny_lm(request):
+    """A tiny random TransformerLens model (shape in lm_models.py), once per kind the installed
+    TransformerLens offers: ``HookedTransformer`` and/or ``TransformerBridge``."""
+    return tiny_model(request.param)
 
 
 @pytest.fixture(scope="session")

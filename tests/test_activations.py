@@ -1,4 +1,5 @@
-"""Tests of switch_sae.activations on a tiny TransformerLens model built from a config."""
+"""Tests of switch_sae.activations on tiny TransformerLens models built from a config
+(a ``HookedTransformer`` and a ``TransformerBridge``, see lm_models.py)."""
 
 from __future__ import annotations
 
@@ -26,23 +27,13 @@ from switch_sae.activations import (  # noqa: E402
 )
 from switch_sae.activations.cache import MANIFEST  # noqa: E402
 
-N_LAYERS, D_MODEL, N_HEADS, D_HEAD, D_VOCAB, N_CTX = 3, 16, 4, 4, 50, 16
+from lm_models import D_HEAD, D_MODEL, D_VOCAB, N_CTX, N_HEADS  # noqa: E402
 
 
-def tiny_model():
-    from transformer_lens.config import TransformerBridgeConfig
-    from transformer_lens.model_bridge import TransformerBridge
-
-    cfg = TransformerBridgeConfig(
-        d_model=D_MODEL, d_head=D_HEAD, n_heads=N_HEADS, n_layers=N_LAYERS, n_ctx=N_CTX,
-        d_vocab=D_VOCAB, d_mlp=32, act_fn="gelu", normalization_type="LN", seed=0,
-    )
-    return TransformerBridge.boot_native(cfg).eval()
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
+@pytest.fixture
+def model(tiny_lm):
+    """Each test below runs on every kind of TransformerLens model (see lm_models.py)."""
+    return tiny_lm
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,5 @@
-"""Tests of switch_sae.evals (metrics, patching, evaluate) on a tiny TransformerLens model."""
+"""Tests of switch_sae.evals (metrics, patching, evaluate) on tiny TransformerLens models
+(a ``HookedTransformer`` and a ``TransformerBridge``, see lm_models.py)."""
 
 from __future__ import annotations
 
@@ -17,25 +18,20 @@ from switch_sae.evals import EvalResult, ReconstructionMetrics, evaluate, mean_a
 from switch_sae.evals.patching import keep_mask, splice_hook, token_kl  # noqa: E402
 from switch_sae.models.base import ForwardOutput, SparseCode  # noqa: E402
 
-D_MODEL, N_HEADS, D_HEAD, D_VOCAB, N_CTX = 16, 4, 4, 50, 12
+from lm_models import D_HEAD, D_MODEL, D_VOCAB, N_HEADS  # noqa: E402
+
 HOOK = "blocks.1.hook_resid_post"
 
 
-@pytest.fixture(scope="module")
-def model():
-    from transformer_lens.config import TransformerBridgeConfig
-    from transformer_lens.model_bridge import TransformerBridge
-
-    cfg = TransformerBridgeConfig(
-        d_model=D_MODEL, d_head=D_HEAD, n_heads=N_HEADS, n_layers=3, n_ctx=N_CTX,
-        d_vocab=D_VOCAB, d_mlp=32, act_fn="gelu", normalization_type="LN", seed=0,
-    )
-    return TransformerBridge.boot_native(cfg).eval()
+@pytest.fixture
+def model(tiny_lm):
+    """Each test below runs on every kind of TransformerLens model (see lm_models.py)."""
+    return tiny_lm
 
 
 @pytest.fixture(scope="module")
 def tokens():
-    return torch.randint(0, D_VOCAB, (5, N_CTX), generator=torch.Generator().manual_seed(1))
+    return torch.randint(0, D_VOCAB, (5, 12), generator=torch.Generator().manual_seed(1))
 
 
 @dataclass

@@ -165,33 +165,16 @@ def test_saebench_wrapper_needs_hook_metadata():
         SAEBenchWrapper(TopKSAE(TopKSAEConfig(d_in=4, d_sae=8, k=2, hook_name="hook_embed", model_name="m")))
 
 
-@pytest.fixture(scope="module")
-def tiny_model():
-    """A 2-layer model with random weights: a HookedTransformer (TransformerLens 2/3), or a
-    TransformerBridge around a tiny random HF GPT-2 (TransformerLens 4 removed HookedTransformer)."""
-    torch.manual_seed(0)
-    try:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-    except ImportError:
-        from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        hf = GPT2LMHeadModel(GPT2Config(n_embd=D_IN, n_layer=2, n_head=4, n_positions=8, vocab_size=23)).eval()
-        return build_bridge_from_module(hf, "GPT2LMHeadModel", hf_config=hf.config, tokenizer=None, model_name="tiny").eval()
-    cfg = HookedTransformerConfig(d_model=D_IN, d_head=4, n_heads=4, n_layers=2, n_ctx=8, d_vocab=23, act_fn="gelu", normalization_type="LN")
-    return HookedTransformer(cfg).eval()
-
-
-def test_splice_replaces_activation_and_error_term_restores_it(tiny_model):
+def test_splice_replaces_activation_and_error_term_restores_it(tiny_lm):  # conftest.py: each model kind
     sae = randomised(SwitchSAE(SwitchSAEConfig(d_in=D_IN, n_experts=2, d_expert=16, k=4, **META)))
     tokens = torch.randint(0, 23, (2, 8), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        clean = tiny_model(tokens)
-        manual = tiny_model.run_with_hooks(tokens, fwd_hooks=[(META["hook_name"], lambda a, hook: sae(a).x_hat)])
-        spliced = run_with_sae(tiny_model, sae, tokens)
+        clean = tiny_lm(tokens)
+        manual = tiny_lm.run_with_hooks(tokens, fwd_hooks=[(META["hook_name"], lambda a, hook: sae(a).x_hat)])
+        spliced = run_with_sae(tiny_lm, sae, tokens)
         torch.testing.assert_close(spliced, manual)
         assert not torch.allclose(spliced, clean, atol=1e-3)
-        with splice_sae(tiny_model, sae, use_error_term=True) as model:
+        with splice_sae(tiny_lm, sae, use_error_term=True) as model:
             torch.testing.assert_close(model(tokens), clean, atol=1e-5, rtol=1e-5)
             # An intervention through the SAE's own hook changes only what it should: the error
             # term stays that of the un-intervened reconstruction.
@@ -200,20 +183,20 @@ def test_splice_replaces_activation_and_error_term_restores_it(tiny_model):
                 ablated = model(tokens)
             finally:
                 sae.reset_hooks()
-        b_dec_only = tiny_model.run_with_hooks(
+        b_dec_only = tiny_lm.run_with_hooks(
             tokens, fwd_hooks=[(META["hook_name"], lambda a, hook: a - sae(a).x_hat + sae.b_dec)])
         torch.testing.assert_close(ablated, b_dec_only, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(tiny_model(tokens), clean)  # hooks gone after the block
+        torch.testing.assert_close(tiny_lm(tokens), clean)  # hooks gone after the block
 
 
-def test_splice_errors(tiny_model):
+def test_splice_errors(tiny_lm):
     sae = TopKSAE(TopKSAEConfig(d_in=D_IN, d_sae=D_SAE, k=2))
     with pytest.raises(ValueError, match="hook_name is empty"):
-        with splice_sae(tiny_model, sae):
+        with splice_sae(tiny_lm, sae):
             pass
     with pytest.raises(ValueError, match="not a hook"):
-        with splice_sae(tiny_model, sae, hook_name="blocks.9.hook_resid_post"):
+        with splice_sae(tiny_lm, sae, hook_name="blocks.9.hook_resid_post"):
             pass
     narrow = TopKSAE(TopKSAEConfig(d_in=8, d_sae=16, k=2, **META))
-    with pytest.raises(ValueError, match="width"), splice_sae(tiny_model, narrow):
-        tiny_model(torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match="width"), splice_sae(tiny_lm, narrow):
+        tiny_lm(torch.zeros(1, 4, dtype=torch.long))

