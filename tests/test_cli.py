@@ -101,13 +101,15 @@ def test_malformed_options_are_argparse_errors(argv, message, capsys):
 
 def test_train_eval_analyze(tmp_path, capsys, patched_lm):
     run = tmp_path / "run"
-    argv = ["train", "switch", "--n-experts", "4", "--d-expert", "32", "--k", "4", "--out", str(run), *TINY_DATA]
+    # --cache-activations false: the streaming path the paper preset uses (no disk cache).
+    argv = ["train", "switch", "--n-experts", "4", "--d-expert", "32", "--k", "4", "--out", str(run),
+            "--cache-activations", "false", "--epochs", "2", *TINY_DATA]
     assert cli.main(argv) == 0
     config = json.loads((run / "sae" / "cfg.json").read_text())
     assert (config["architecture"], config["n_experts"], config["d_in"]) == ("switch", 4, 576)
     assert config["hook_name"] == "blocks.9.hook_resid_post" and config["model_name"] == "default"
     steps = (run / "metrics.jsonl").read_text().splitlines()
-    assert len(steps) == 512 // 128
+    assert len(steps) == 2 * (512 // 128) and not (run / "activations").exists()
     first = json.loads((run / "eval.json").read_text())
     assert first["architecture"] == "switch" and first["l0"] <= 4
     assert "loss_recovered_zero" in capsys.readouterr().out

@@ -102,8 +102,9 @@ def save_tiny_gpt2(folder):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=char_level, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
     # n_ctx: TransformerLens reads it as the real gpt2 config.json has it.
     config = GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=60, n_positions=32, n_ctx=32, bos_token_id=0, eos_token_id=0)
-    torch.manual_seed(0)
-    hf_model = GPT2LMHeadModel(config).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        hf_model = GPT2LMHeadModel(config).eval()
     hf_model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return hf_model

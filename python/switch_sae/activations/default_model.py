@@ -135,7 +135,7 @@ def wrap_hf_model(hf_model: Any, tokenizer: Any, model_name: str) -> Any:
     try:
         from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
     except ImportError as err:
-        raise RuntimeError("wrapping a local HF model needs TransformerLens >= 3 (TransformerBridge)") from err
+        raise RuntimeError("wrapping a local HF model needs TransformerLens >= 3.4 (TransformerBridge)") from err
     architecture = hf_model.config.architectures[0] if hf_model.config.architectures else type(hf_model).__name__
     return build_bridge_from_module(hf_model, architecture, hf_config=hf_model.config, tokenizer=tokenizer, model_name=model_name)
 

@@ -8,7 +8,7 @@ one pass. Per-head hooks (``attn.hook_z`` / ``hook_q`` / ``hook_k`` / ``hook_v``
 ``[batch, pos, n_heads, d_head]``) are flattened over heads to ``d_in = n_heads * d_head``.
 
 Works with any model exposing TransformerLens's ``run_with_cache`` (a ``HookedTransformer``
-of TransformerLens 2/3, or a ``TransformerBridge`` of TransformerLens 4).
+of TransformerLens 2/3, or a ``TransformerBridge`` of TransformerLens 3.4+/4).
 
 What it leaves out: where the tokens come from (``text``), shuffling (``buffer``) and disk
 storage (``cache``).

@@ -8,7 +8,9 @@ Memory: the process's resident-set high-water mark (``VmHWM``) during one call, 
 resident set just before it, after freed heap pages have been returned to the OS
 (``malloc_trim``) and the high-water mark reset (``/proc/self/clear_refs``). So
 ``peak_mb`` is the transient memory of one call above the resting state (weights,
-gradients, optimiser state, inputs), and ``resting_mb`` is that resting state. It is
+optimiser state, inputs, and the previous step's gradients, which a step frees with
+``zero_grad(set_to_none=True)`` before making new ones), and ``resting_mb`` is that
+resting state. It is
 exact only when the case runs alone in its process, which the runner does by default.
 Linux only; elsewhere the memory fields are None.
 

@@ -1,7 +1,7 @@
 """Run a TransformerLens model with one of our SAEs spliced in at its hook.
 
 Works with a ``HookedTransformer`` (TransformerLens 2/3) and a ``TransformerBridge``
-(TransformerLens 4): both have ``hook_dict`` and the ``hooks(fwd_hooks=...)`` context manager.
+(TransformerLens 3.4+/4): both have ``hook_dict`` and the ``hooks(fwd_hooks=...)`` context manager.
 
 The equivalent of SAELens's ``HookedSAETransformer.add_sae``: inside ``with splice_sae(model,
 sae):`` every forward pass replaces the activation at ``sae.cfg.hook_name`` by the SAE's
