@@ -105,6 +105,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     import time
 
     from .activations import hook_d_in
+    from .models import SAE
     from .pipeline import activation_source, check_inputs, load_language_model, training_batches
     from .training import Trainer
 
@@ -129,7 +130,7 @@ def run_train_command(args: argparse.Namespace) -> int:
     trainer.fit(training_batches(data, source))
     print(f"saved {out / 'sae'}")
     if args.eval:
-        evaluate_and_save(sae.load(out / "sae", device=data.resolved_device()), lm, data, out)
+        evaluate_and_save(SAE.load(out / "sae", device=data.resolved_device()), lm, data, out)
     return 0
 
 
