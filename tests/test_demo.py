@@ -81,7 +81,7 @@ def test_the_demo_end_to_end(tmp_path, patched_lm, capsys):
     assert not (out / "activations").exists()  # the cache is removed unless --keep-activations
     report = (out / "report.md").read_text()
     assert all(f"| {n} |" in report for n in rows) and "analysis/mse_vs_l0.png" in report
-    assert (out / "analysis" / "mse_vs_l0.png").is_file()
+    assert all((out / f).is_file() for f in ("comparison.png", "training_curves.png", "analysis/mse_vs_l0.png"))
     saved = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in saved["rows"]] == list(rows)
     printed = capsys.readouterr().out

@@ -1,11 +1,16 @@
-"""The comparison table and ``report.md`` of ``switch-sae demo``.
+"""The comparison table, the two demo plots and ``report.md`` of ``switch-sae demo``.
 
-What it leaves out: computing the numbers (``demo.py``, ``evals``) and the plots
+``comparison.png`` puts the three SAEs side by side (MSE, loss recovered, training step time)
+and ``training_curves.png`` shows their MSE per step; both are labelled by SAE name, which the
+cross-run plots of ``analysis/`` (labelled by architecture) cannot tell apart.
+
+What it leaves out: computing the numbers (``demo.py``, ``evals``) and the geometry plots
 (``evals.report.analyze_runs``, written to ``analysis/``).
 """
 
 from __future__ import annotations
 
+import json
 import platform
 from pathlib import Path
 from typing import Any
@@ -58,7 +63,8 @@ def format_table(rows: list[dict[str, Any]], *, markdown: bool = False) -> str:
 
 LEGEND = """\
 - **MSE**: squared reconstruction error summed over d_in, mean over tokens; **FVE**: fraction of variance explained.
-- **L0**: active features per token, counted on the sparse code; **dead**: features that never fired on the eval tokens.
+- **L0**: active features per token, counted on the sparse code; **dead**: features that never fired on the eval tokens
+  (with few eval tokens this overstates truly dead features: 1024 tokens x k=32 can reach at most 32768 features).
 - **LR zero / LR mean**: fraction of the next-token cross-entropy loss recovered when the reconstruction is patched in,
   relative to patching zeros / the mean activation: (CE_ablated - CE_sae) / (CE_ablated - CE_clean).
 - **KL**: KL divergence of the patched model's next-token distribution from the clean one (nats per token).
@@ -68,9 +74,40 @@ LEGEND = """\
 """
 
 
+PANELS = (("mse", "MSE (lower is better)"), ("loss_recovered", "loss recovered, zero abl. (higher is better)"),
+          ("step_ms", "training step, ms (lower is better)"))
+COLOURS = ("C1", "C0", "C2")  # the same colour per SAE in both figures
+
+
+def write_plots(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
+    """``comparison.png`` and ``training_curves.png`` in ``out``."""
+    from .evals.plots import plt  # the Agg backend is selected there
+
+    names = [r["name"] for r in rows]
+    fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))
+    for ax, (key, title) in zip(axes, PANELS):
+        ax.bar(names, [r[key] for r in rows], color=COLOURS[: len(rows)])
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(axis="x", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "comparison.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, colour in zip(names, COLOURS):
+        steps = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        ax.plot([m["step"] for m in steps], [m["mse"] for m in steps], label=name, color=colour, linewidth=1)
+    ax.set(xlabel="step", ylabel="training MSE", yscale="log", title="Training curves (same batches for all)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "training_curves.png", dpi=120)
+    plt.close(fig)
+    return [out / "comparison.png", out / "training_curves.png"]
+
+
 def write_report(out: Path, cfg: Any, rows: list[dict[str, Any]], table: str, seconds: float) -> Path:
     """Write ``out/report.md``: setup, the table, the legend and links to the plots."""
-    figures = sorted(p.relative_to(out) for p in (out / "analysis").glob("*.png"))
+    figures = write_plots(out, rows) + sorted((out / "analysis").glob("*.png"))
+    figures = [p.relative_to(out) for p in figures]
     text = "\n".join([
         "# switch_sae demo: Switch SAEs vs a TopK SAE",
         "",
