@@ -35,11 +35,22 @@ install: system-deps $(VENV)/.installed
 demo: install
 	$(VENV)/bin/switch-sae demo
 
-test: install
+# Where nvcc exists, the test suite also compiles and links the CUDA kernels against a
+# CUDA build of torch (in its own venv) and checks the result without needing a GPU.
+NVCC := $(shell command -v nvcc 2>/dev/null)
+CUDA_VENV ?= .venv-cuda
+CUDA_TORCH ?= torch==2.14.1
+
+$(CUDA_VENV)/bin/python:
+	$(PYTHON) -m venv $(CUDA_VENV)
+	$(CUDA_VENV)/bin/python -m pip install $(CUDA_TORCH) $(BUILD_DEPS)
+
+test: install $(if $(NVCC),$(CUDA_VENV)/bin/python)
+	$(if $(NVCC),SWITCH_SAE_CUDA_PYTHON=$(CUDA_VENV)/bin/python SWITCH_SAE_CUDA_BUILD_DIR=build/cuda) \
 	$(PY) -m pytest tests
 
 bench: install
 	$(VENV)/bin/switch-sae bench
 
 clean:
-	rm -rf build $(VENV)
+	rm -rf build $(VENV) $(CUDA_VENV)
