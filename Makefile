@@ -46,7 +46,7 @@ $(CUDA_VENV)/bin/python:
 	$(CUDA_VENV)/bin/python -m pip install $(CUDA_TORCH) $(BUILD_DEPS)
 
 test: install $(if $(NVCC),$(CUDA_VENV)/bin/python)
-	$(if $(NVCC),SWITCH_SAE_CUDA_PYTHON=$(CUDA_VENV)/bin/python SWITCH_SAE_CUDA_BUILD_DIR=build/cuda) \
+	$(if $(NVCC),SWITCH_SAE_CUDA_PYTHON=$(CURDIR)/$(CUDA_VENV)/bin/python SWITCH_SAE_CUDA_BUILD_DIR=$(CURDIR)/build/cuda) \
 	$(PY) -m pytest tests
 
 bench: install

@@ -67,6 +67,9 @@ def cuda_python() -> str:
         )
     if not Path(python).is_file():
         pytest.skip(f"SWITCH_SAE_CUDA_PYTHON={python} does not exist")
+    # Absolute (CMake resolves a relative Python_EXECUTABLE against the build folder), but
+    # not resolved through symlinks, which would leave the venv.
+    python = os.path.abspath(python)
     probe = run([python, "-c", "import torch; print(torch.version.cuda or '')"])
     if probe.returncode != 0 or not probe.stdout.strip():
         pytest.skip(f"{python} has no CUDA build of torch: {probe.stdout.strip()} {probe.stderr[-300:]}")
@@ -91,7 +94,8 @@ def build(cuda_python, tmp_path_factory) -> dict:
     assert cmake, "cmake not found beside SWITCH_SAE_CUDA_PYTHON nor on PATH"
     log = []
     start = time.monotonic()
-    if not (build_dir / "CMakeCache.txt").is_file():
+    # A configure that failed half-way leaves a CMakeCache.txt but no build files.
+    if not any((build_dir / name).is_file() for name in ("build.ninja", "Makefile")):
         configure = [cmake, "-S", str(ROOT), "-B", str(build_dir), f"-DPython_EXECUTABLE={cuda_python}",
                      "-DCMAKE_BUILD_TYPE=Release", "-DSWITCH_SAE_CUDA=ON"]
         ninja = tool(cuda_python, "ninja")

@@ -71,8 +71,10 @@ class Trainer:
         self.model, self.cfg = model, cfg
         self.device = model.W_dec_flat.device
         torch.manual_seed(cfg.seed)
+        # The fused kernel: one pass over each parameter instead of several elementwise ops;
+        # on CPU it measured ~5x faster for 2 x 2^25 parameters (benchmarks/README.md).
         self.optimizer = torch.optim.Adam(
-            model.parameters(), lr=cfg.peak_lr(model.d_sae), betas=cfg.adam_betas, eps=cfg.adam_eps
+            model.parameters(), lr=cfg.peak_lr(model.d_sae), betas=cfg.adam_betas, eps=cfg.adam_eps, fused=True
         )
         self.dead = DeadLatentTracker(model.d_sae, cfg.dead_after_tokens, self.device)
         self.use_auxk = cfg.auxk and supports_auxk(model)
