@@ -91,6 +91,12 @@ def test_given_values_fill_excluded_fields():
     assert cfg.d_in == 16 and cfg.inner.k == 2
 
 
+def test_options_the_user_passed_win_over_given_values():
+    args = make_parser().parse_args(["--d-in", "8", "--name", "mine"])
+    cfg = dataclass_from_args(Outer, args, name="command's", lr=0.1)
+    assert (cfg.name, cfg.lr, cfg.d_in) == ("mine", 0.1, 8)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -318,8 +318,8 @@ def test_no_rows_by_d_sae_tensor_is_allocated():
 # ---------------------------------------------------------------- determinism
 
 
-def test_backward_ops_are_bitwise_deterministic():
-    # Big enough for several parallel chunks over rows, tokens and features.
+def test_ops_are_bitwise_deterministic_across_thread_counts():
+    # Big enough for several parallel chunks over rows, tokens, features and expert tiles.
     p = make_problem((256, 256, 4, 250, 8, 2, 64))
     values, indices = encode(p)
     grad_values = torch.randn_like(values)
@@ -331,7 +331,8 @@ def test_backward_ops_are_bitwise_deterministic():
     try:
         for n in (threads, threads, 1):
             torch.set_num_threads(n)
-            runs.append(OPS.encode_backward(*enc_args) + OPS.decode_backward(*dec_args))
+            forward = encode(p) + (OPS.decode(values, indices, p["W_dec"]),)
+            runs.append(forward + OPS.encode_backward(*enc_args) + OPS.decode_backward(*dec_args))
     finally:
         torch.set_num_threads(threads)
     for again in runs[1:]:
