@@ -67,7 +67,7 @@ class GatedSAE(DictionarySAE):
         x = self.hook_sae_input(x)  # [batch, d_in]
         pi_gate, acts = self._gate_and_acts(x)
         acts = self.hook_sae_acts_post(acts)
-        x_hat = self.hook_sae_recons(acts @ self.W_dec + self.b_dec)
+        x_hat = self.hook_sae_recons(self.decode(acts))
         gate_acts = torch.relu(pi_gate)  # [batch, d_sae]
         aux = {"l1_acts": gate_acts}
         if self.training:  # the frozen-decoder reconstruction only matters for the loss

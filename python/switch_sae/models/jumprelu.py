@@ -116,7 +116,7 @@ class JumpReLUSAE(DictionarySAE):
         x = self.hook_sae_input(x)  # [batch, d_in]
         pre, acts = self._pre_and_acts(x)
         acts = self.hook_sae_acts_post(acts)
-        x_hat = self.hook_sae_recons(acts @ self.W_dec + self.b_dec)
+        x_hat = self.hook_sae_recons(self.decode(acts))
         return ForwardOutput(
             x_hat=x_hat.view(*lead, self.d_in),
             code=None,

@@ -58,7 +58,7 @@ class ReLUSAE(DictionarySAE):
         x, lead = self.check_input(x)
         x = self.hook_sae_input(x)  # [batch, d_in]
         acts = self.hook_sae_acts_post(self._acts(x))  # [batch, d_sae]
-        x_hat = self.hook_sae_recons(acts @ self.W_dec + self.b_dec)
+        x_hat = self.hook_sae_recons(self.decode(acts))
         return ForwardOutput(
             x_hat=x_hat.view(*lead, self.d_in),
             code=None,
