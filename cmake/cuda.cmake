@@ -12,6 +12,18 @@ if(NOT DEFINED ENV{TORCH_CUDA_ARCH_LIST} AND NOT TORCH_CUDA_ARCH_LIST)
   set(TORCH_CUDA_ARCH_LIST "8.0;9.0+PTX")
 endif()
 
+# CMake learned nvcc's C++20 flag in 3.26 (older releases stop with "CUDA20 dialect ...
+# not supported"); pyproject.toml asks scikit-build-core for such a CMake.
+if(CMAKE_VERSION VERSION_LESS 3.26)
+  message(FATAL_ERROR "The CUDA kernels need CMake >= 3.26 (this is ${CMAKE_VERSION}); "
+                      "`pip install cmake` or set SWITCH_SAE_CUDA=OFF")
+endif()
+# Host code in .cu files is compiled by the same C++ compiler as the .cpp files, so both
+# halves of the extension agree on the C++ ABI and the standard library.
+if(NOT DEFINED CMAKE_CUDA_HOST_COMPILER AND NOT DEFINED ENV{CUDAHOSTCXX})
+  set(CMAKE_CUDA_HOST_COMPILER "${CMAKE_CXX_COMPILER}")
+endif()
+
 enable_language(CUDA)
 # enable_language picks a default architecture when it cannot see a GPU; drop it so that
 # torch's config does not warn about it and TORCH_CUDA_ARCH_LIST is the only source of
@@ -31,6 +43,8 @@ endif()
 # of them in C++17 mode.
 set(CMAKE_CUDA_STANDARD 20)
 set(CMAKE_CUDA_STANDARD_REQUIRED ON)
+# nvcc has no GNU dialect: plain -std=c++20 (host extensions come from the host compiler).
+set(CMAKE_CUDA_EXTENSIONS OFF)
 
 # Called by CMakeLists.txt after find_package(Torch) and after <target> is created, before
 # it is linked. A macro, not a function, because it edits TORCH_LIBRARIES in the caller.

@@ -20,9 +20,11 @@ from torch import Tensor
 
 from . import reference
 
+# `pip install .` compiles against the torch already installed (build_backend/), so the
+# same command that installed the package mends it after torch has changed.
 REBUILD_HINT = (
-    "Rebuild it against the installed torch with `pip install --no-build-isolation .` "
-    "from the switch_sae source tree (or `make install`)."
+    "Rebuild it against the installed torch with `pip install .` from the switch_sae "
+    "source tree (or `make install`)."
 )
 
 
