@@ -54,7 +54,9 @@ if spec is None or spec.origin is None:
     print("null")
 else:
     site = pathlib.Path(spec.origin).parent.parent
-    version = next(importlib.metadata.distributions(name="torch", path=[str(site)])).version
+    # The metadata beside the package, unless torch is a source checkout (pip install -e).
+    beside = next(iter(importlib.metadata.distributions(name="torch", path=[str(site)])), None)
+    version = beside.version if beside else importlib.metadata.version("torch")
     print(json.dumps({"site": str(site), "version": version}))
 """
 

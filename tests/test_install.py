@@ -67,6 +67,7 @@ print(json.dumps({
     "has_extension": ops.HAS_EXTENSION,
     "built_against": _build_info.TORCH_VERSION,
     "torch": torch.__version__,
+    "torch_cuda": torch.version.cuda,
     "torch_dir": str(pathlib.Path(torch.__file__).parent),
     "package_dir": str(pathlib.Path(switch_sae.__file__).parent),
     "with_cuda": ops.with_cuda(),
@@ -110,9 +111,9 @@ def pip(venv_dir: Path, *args: str, cwd: Path) -> float:
     return seconds
 
 
-def checkout(tmp_path: Path) -> Path:
+def checkout(folder: Path) -> Path:
     """A copy of the source tree as a fresh clone has it (no builds, venvs or outputs)."""
-    dst = tmp_path / "switch_sae"
+    dst = folder / "switch_sae"
     shutil.copytree(ROOT, dst, ignore=shutil.ignore_patterns(
         ".git", ".venv*", "build", "dist", "runs", "cache", "__pycache__", "*.so",
         "_build_info.py", "*.egg-info", ".pytest_cache", "results"))
@@ -133,64 +134,80 @@ def assert_built_for_own_torch(facts: dict, venv_dir: Path) -> None:
     assert Path(facts["package_dir"]).is_relative_to(venv_dir), facts["package_dir"]
 
 
+@pytest.fixture
+def scratch(tmp_path):
+    """A temporary folder removed afterwards: its venvs hold GBs (pytest keeps old tmp_path folders)."""
+    yield tmp_path
+    shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 def nvcc_available() -> bool:
     return shutil.which("nvcc") is not None
 
 
-def test_fresh_venv(tmp_path):
-    venv_dir = make_venv(tmp_path / "venv")
-    source = checkout(tmp_path)
-    seconds = pip(venv_dir, "install", str(source), cwd=tmp_path)
-    facts = installed_facts(venv_dir, tmp_path)
+def test_fresh_venv(scratch):
+    venv_dir = make_venv(scratch / "venv")
+    source = checkout(scratch)
+    seconds = pip(venv_dir, "install", str(source), cwd=scratch)
+    facts = installed_facts(venv_dir, scratch)
     print(f"\n(a) fresh venv: pip install took {seconds:.0f} s; torch {facts['torch']}, "
           f"CUDA kernels: {facts['with_cuda']}")
     assert_built_for_own_torch(facts, venv_dir)
     assert Path(facts["torch_dir"]).is_relative_to(venv_dir)
-    # The torch pip brings here is a CUDA build: with nvcc, its kernels are compiled in.
-    cuda_torch = "+cpu" not in facts["torch"]
-    assert facts["with_cuda"] is (cuda_torch and nvcc_available())
+    # With a CUDA build of torch (what pip brings here) and nvcc, the kernels are compiled in.
+    assert facts["with_cuda"] is (facts["torch_cuda"] is not None and nvcc_available())
 
 
-def test_venv_with_cpu_torch(tmp_path):
-    venv_dir = make_venv(tmp_path / "venv")
-    pip(venv_dir, "install", CPU_TORCH, cwd=tmp_path)
-    source = checkout(tmp_path)
-    seconds = pip(venv_dir, "install", str(source), cwd=tmp_path)
-    facts = installed_facts(venv_dir, tmp_path)
-    print(f"\n(b) venv with {facts['torch']}: pip install took {seconds:.0f} s")
+def torch_version(venv_dir: Path) -> str:
+    done = run([venv_dir / "bin" / "python", "-c", "import importlib.metadata as m; print(m.version('torch'))"])
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def test_venv_with_cpu_torch(scratch):
+    venv_dir = make_venv(scratch / "venv")
+    pip(venv_dir, "install", CPU_TORCH, cwd=scratch)
+    users_torch = torch_version(venv_dir)
+    source = checkout(scratch)
+    seconds = pip(venv_dir, "install", str(source), cwd=scratch)
+    facts = installed_facts(venv_dir, scratch)
+    print(f"\n(b) venv with torch {users_torch}: pip install took {seconds:.0f} s")
     assert_built_for_own_torch(facts, venv_dir)
-    assert facts["torch"] == "2.13.0+cpu"  # still the user's torch: nothing replaced it
+    assert facts["torch"] == users_torch  # nothing replaced the user's torch
     assert Path(facts["torch_dir"]).is_relative_to(venv_dir)
+    assert facts["torch_cuda"] is None, "expected the CPU build of torch"
     assert facts["with_cuda"] is False
     assert not any(facts["cuda_kernels"].values())
 
 
 @pytest.mark.skipif(not nvcc_available(), reason="no nvcc on PATH: the CUDA kernels cannot compile")
-def test_venv_with_cuda_torch_and_nvcc(tmp_path):
-    venv_dir = make_venv(tmp_path / "venv")
-    pip(venv_dir, "install", CUDA_TORCH, cwd=tmp_path)
-    source = checkout(tmp_path)
-    seconds = pip(venv_dir, "install", str(source), cwd=tmp_path)
-    facts = installed_facts(venv_dir, tmp_path)
-    print(f"\n(c) venv with {facts['torch']} (CUDA) and nvcc: pip install took {seconds:.0f} s")
+def test_venv_with_cuda_torch_and_nvcc(scratch):
+    venv_dir = make_venv(scratch / "venv")
+    pip(venv_dir, "install", CUDA_TORCH, cwd=scratch)
+    users_torch = torch_version(venv_dir)
+    source = checkout(scratch)
+    seconds = pip(venv_dir, "install", str(source), cwd=scratch)
+    facts = installed_facts(venv_dir, scratch)
+    print(f"\n(c) venv with torch {users_torch} (CUDA) and nvcc: pip install took {seconds:.0f} s")
     assert_built_for_own_torch(facts, venv_dir)
-    assert facts["torch"] == "2.14.1"
+    assert facts["torch"] == users_torch
     assert Path(facts["torch_dir"]).is_relative_to(venv_dir)
+    assert facts["torch_cuda"] is not None, "expected a CUDA build of torch"
     assert facts["with_cuda"] is True
     assert all(facts["cuda_kernels"].values()), facts["cuda_kernels"]
 
 
-def test_sdist_and_wheel(tmp_path):
+def test_sdist_and_wheel(scratch):
     """``python -m build``: the sdist holds what the build needs (the wheel is built from
     it), and the wheel installs and runs in a fresh venv. Built against the CPU torch
     (a pip constraint, as a user would pin it) so that the wheel installs that torch."""
-    build_venv = make_venv(tmp_path / "build-venv")
-    pip(build_venv, "install", "build", cwd=tmp_path)
-    source = checkout(tmp_path)
-    constraints = tmp_path / "constraints.txt"
+    build_venv = make_venv(scratch / "build-venv")
+    pip(build_venv, "install", "build", cwd=scratch)
+    source = checkout(scratch)
+    constraints = scratch / "constraints.txt"
     constraints.write_text(CPU_TORCH + "\n")
     env = user_env(build_venv) | {"PIP_CONSTRAINT": str(constraints)}
-    dist = tmp_path / "dist"
+    dist = scratch / "dist"
     done = run([build_venv / "bin" / "python", "-m", "build", "--outdir", dist, source], env=env)
     assert done.returncode == 0, (done.stdout + done.stderr)[-8000:]
     sdists, wheels = sorted(dist.glob("*.tar.gz")), sorted(dist.glob("*.whl"))
@@ -202,8 +219,8 @@ def test_sdist_and_wheel(tmp_path):
                    "python/switch_sae/_build_info.py.in", "README.md"):
         assert needed in names, f"{needed} missing from the sdist"
 
-    venv_dir = make_venv(tmp_path / "venv")
-    pip(venv_dir, "install", str(wheels[0]), cwd=tmp_path)
-    facts = installed_facts(venv_dir, tmp_path)
-    assert_built_for_own_torch(facts, venv_dir)
-    assert facts["torch"] == "2.13.0+cpu"
+    venv_dir = make_venv(scratch / "venv")
+    pip(venv_dir, "install", str(wheels[0]), cwd=scratch)
+    facts = installed_facts(venv_dir, scratch)
+    assert_built_for_own_torch(facts, venv_dir)  # the wheel's pin brought the CPU torch
+    assert facts["torch_cuda"] is None
