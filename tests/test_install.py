@@ -158,23 +158,23 @@ def test_fresh_venv(scratch):
     assert facts["with_cuda"] is (facts["torch_cuda"] is not None and nvcc_available())
 
 
-def torch_version(venv_dir: Path) -> str:
-    done = run([venv_dir / "bin" / "python", "-c", "import importlib.metadata as m; print(m.version('torch'))"])
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
-def test_venv_with_cpu_torch(scratch):
+def install_over_users_torch(scratch: Path, torch_spec: str, case: str) -> dict:
+    """Install ``torch_spec`` in a new venv, then the checkout; the facts of what runs."""
     venv_dir = make_venv(scratch / "venv")
-    pip(venv_dir, "install", CPU_TORCH, cwd=scratch)
-    users_torch = torch_version(venv_dir)
-    source = checkout(scratch)
-    seconds = pip(venv_dir, "install", str(source), cwd=scratch)
+    pip(venv_dir, "install", torch_spec, cwd=scratch)
+    probe = "import importlib.metadata as m; print(m.version('torch'))"
+    users_torch = run([venv_dir / "bin" / "python", "-c", probe]).stdout.strip()
+    seconds = pip(venv_dir, "install", str(checkout(scratch)), cwd=scratch)
     facts = installed_facts(venv_dir, scratch)
-    print(f"\n(b) venv with torch {users_torch}: pip install took {seconds:.0f} s")
+    print(f"\n({case}) venv with torch {users_torch}: pip install took {seconds:.0f} s")
     assert_built_for_own_torch(facts, venv_dir)
     assert facts["torch"] == users_torch  # nothing replaced the user's torch
     assert Path(facts["torch_dir"]).is_relative_to(venv_dir)
+    return facts
+
+
+def test_venv_with_cpu_torch(scratch):
+    facts = install_over_users_torch(scratch, CPU_TORCH, "b")
     assert facts["torch_cuda"] is None, "expected the CPU build of torch"
     assert facts["with_cuda"] is False
     assert not any(facts["cuda_kernels"].values())
@@ -182,16 +182,7 @@ def test_venv_with_cpu_torch(scratch):
 
 @pytest.mark.skipif(not nvcc_available(), reason="no nvcc on PATH: the CUDA kernels cannot compile")
 def test_venv_with_cuda_torch_and_nvcc(scratch):
-    venv_dir = make_venv(scratch / "venv")
-    pip(venv_dir, "install", CUDA_TORCH, cwd=scratch)
-    users_torch = torch_version(venv_dir)
-    source = checkout(scratch)
-    seconds = pip(venv_dir, "install", str(source), cwd=scratch)
-    facts = installed_facts(venv_dir, scratch)
-    print(f"\n(c) venv with torch {users_torch} (CUDA) and nvcc: pip install took {seconds:.0f} s")
-    assert_built_for_own_torch(facts, venv_dir)
-    assert facts["torch"] == users_torch
-    assert Path(facts["torch_dir"]).is_relative_to(venv_dir)
+    facts = install_over_users_torch(scratch, CUDA_TORCH, "c")
     assert facts["torch_cuda"] is not None, "expected a CUDA build of torch"
     assert facts["with_cuda"] is True
     assert all(facts["cuda_kernels"].values()), facts["cuda_kernels"]
