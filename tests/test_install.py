@@ -162,8 +162,7 @@ def install_over_users_torch(scratch: Path, torch_spec: str, case: str) -> dict:
     """Install ``torch_spec`` in a new venv, then the checkout; the facts of what runs."""
     venv_dir = make_venv(scratch / "venv")
     pip(venv_dir, "install", torch_spec, cwd=scratch)
-    probe = "import importlib.metadata as m; print(m.version('torch'))"
-    users_torch = run([venv_dir / "bin" / "python", "-c", probe]).stdout.strip()
+    users_torch = run([venv_dir / "bin" / "python", "-c", "import torch; print(torch.__version__)"]).stdout.strip()
     seconds = pip(venv_dir, "install", str(checkout(scratch)), cwd=scratch)
     facts = installed_facts(venv_dir, scratch)
     print(f"\n({case}) venv with torch {users_torch}: pip install took {seconds:.0f} s")
