@@ -23,14 +23,13 @@ Everything else is scikit-build-core's, unchanged.
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
-
-import importlib.metadata
 import tempfile
+from pathlib import Path
 
 from packaging.requirements import Requirement
 from scikit_build_core import build as _skbuild
