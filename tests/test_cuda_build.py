@@ -175,3 +175,31 @@ def test_binary_embeds_sm80_and_sm90_and_every_kernel(build, cuda_python):
     assert symbols.returncode == 0, symbols.stderr
     for kernel in KERNELS:
         assert kernel in symbols.stdout, f"{kernel} is not in the binary"
+
+
+def test_cuda_torch_without_cuda_kernels_builds_and_loads(cuda_python, tmp_path):
+    # The common case of a CUDA build of torch where no CUDA kernels are compiled (no nvcc,
+    # or SWITCH_SAE_CUDA=OFF from the environment as here): torch's CMake config would
+    # demand the CUDA toolkit, so the build must not depend on it.
+    cmake = tool(cuda_python, "cmake")
+    env = {**os.environ, "SWITCH_SAE_CUDA": "off"}
+    done = run([cmake, "-S", str(ROOT), "-B", str(tmp_path), f"-DPython_EXECUTABLE={cuda_python}",
+                "-DCMAKE_BUILD_TYPE=Release"], env=env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-5000:]
+    assert "CUDA kernels: OFF" in done.stdout
+    assert "CMAKE_CUDA_COMPILER:" not in (tmp_path / "CMakeCache.txt").read_text()
+    done = run([cmake, "--build", str(tmp_path), "-j", "2"], env=env)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-8000:]
+    (library,) = tmp_path.glob("_C*.so")
+    script = f"""
+import importlib.util, torch
+spec = importlib.util.spec_from_file_location("switch_sae._C", {str(library)!r})
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+has = torch._C._dispatch_has_kernel_for_dispatch_key
+print(module.with_cuda(), all(has("switch_sae::" + op, "CPU") for op in {OPS!r}),
+      any(has("switch_sae::" + op, "CUDA") for op in {OPS!r}))
+"""
+    loaded = run([cuda_python, "-c", script], cwd=tmp_path)
+    assert loaded.returncode == 0, loaded.stderr[-5000:]
+    assert loaded.stdout.split() == ["False", "True", "False"]
