@@ -5,7 +5,8 @@ another Python (``SWITCH_SAE_CUDA_PYTHON``, e.g. a venv made with
 ``pip install torch==2.14.1 numpy scikit-build-core ninja cmake``), then, in that
 Python: loads the built ``_C`` module on this GPU-less machine, asks the dispatcher
 whether every op has a CUDA kernel, checks ``with_cuda()``, and lists the embedded GPU
-architectures with ``cuobjdump --list-elf``.
+architectures with ``cuobjdump --list-elf``. Also builds the same torch without CUDA
+kernels (``SWITCH_SAE_CUDA=OFF``, as where nvcc is missing) and loads that.
 
 Environment:
     SWITCH_SAE_CUDA_PYTHON     python with a CUDA torch (required, else skipped).
