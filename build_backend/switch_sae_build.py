@@ -169,7 +169,10 @@ def prepare_metadata_for_build_editable(metadata_directory, config_settings=None
 
 
 def _build(build, wheel_directory, config_settings, metadata_directory):
-    name = build(wheel_directory, _with_torch(config_settings), metadata_directory)
+    # Not given the prepared metadata: scikit-build-core would find it differs from its own
+    # by the pin; the pinned wheel below then matches what was prepared.
+    del metadata_directory
+    name = build(wheel_directory, _with_torch(config_settings), None)
     version = build_torch_version()
     if version is not None:
         _pin_torch_in_wheel(Path(wheel_directory, name), version)
