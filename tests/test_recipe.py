@@ -52,8 +52,8 @@ def test_scaling_the_data_trains_the_same_sae(make):
         model, curve = runs[scale]
         torch.testing.assert_close([m.loss for m in curve], [m.loss for m in ref_curve], rtol=1e-6, atol=0)
         assert [sorted(m.parts) for m in curve] == [sorted(m.parts) for m in ref_curve]
-        torch.testing.assert_close(model.W_dec, reference.W_dec, rtol=1e-6, atol=1e-9)
-        torch.testing.assert_close(model.b_dec / scale, reference.b_dec, rtol=1e-6, atol=1e-9)
+        torch.testing.assert_close(model.W_dec, reference.W_dec, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(model.b_dec / scale, reference.b_dec, rtol=1e-5, atol=1e-7)
     assert "auxk" in ref_curve[-1].parts  # the comparison covered the AuxK term too
 
 
