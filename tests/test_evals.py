@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 
@@ -215,8 +216,7 @@ def test_evaluate_many_equals_evaluate_one_by_one(model, tokens):
 
 
 def test_evaluate_many_counts_model_passes(model, tokens, monkeypatch):
-    import switch_sae.evals.evaluate as evaluate_module
-
+    evaluate_module = importlib.import_module("switch_sae.evals.evaluate")  # the package exports evaluate()
     calls = []
     real = evaluate_module.run_patched
     monkeypatch.setattr(evaluate_module, "run_patched", lambda *a, **kw: calls.append(1) or real(*a, **kw))

@@ -161,7 +161,7 @@ class PatchingMetrics:
         ce = {run: total / shared.n_ce for run, total in {**shared.ce, "sae": self.ce["sae"]}.items()}
         kl = {run: total / max(shared.n_kl, 1) for run, total in {**shared.kl, "sae": self.kl["sae"]}.items()}
         return PatchingResult(
-            n_tokens=self.n_ce,
+            n_tokens=shared.n_ce,
             ce_clean=ce["clean"],
             ce_sae=ce["sae"],
             ce_zero=ce["zero"],
