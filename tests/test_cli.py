@@ -13,6 +13,7 @@ import pytest
 from switch_sae import cli
 from switch_sae.bench import BenchConfig
 from switch_sae.demo import DemoConfig
+from switch_sae.experiments import ReproduceConfig
 from switch_sae.models import SwitchSAEConfig, TopKSAEConfig
 from switch_sae.pipeline import DataConfig
 from switch_sae.training import TrainConfig
@@ -36,6 +37,7 @@ def flags(cls, exclude=()) -> list[str]:
     "argv, configs",
     [
         (["demo"], [(DemoConfig, ())]),
+        (["reproduce"], [(ReproduceConfig, ())]),
         (["train", "switch"], [(DataConfig, ()), (SwitchSAEConfig, cli.SAE_FILLED), (TrainConfig, cli.TRAIN_FILLED)]),
         (["train", "topk"], [(TopKSAEConfig, cli.SAE_FILLED)]),
         (["eval"], [(DataConfig, cli.EVAL_UNUSED)]),

@@ -1,9 +1,11 @@
-"""The ``switch-sae`` command (also ``python -m switch_sae``): train | eval | analyze | bench | demo.
+"""The ``switch-sae`` command (also ``python -m switch_sae``): train | eval | analyze | bench | demo | reproduce.
 
 Options are derived from the config dataclasses (``cli_args``), so ``switch-sae <command>
 --help`` documents every field with its docstring and default:
 
 - ``demo``: the main job (``demo.DemoConfig``): TopK vs FLOP- and width-matched Switch SAEs.
+- ``reproduce``: the paper's sweeps over k and n_experts with its figures
+  (``experiments.reproduce.ReproduceConfig``), about an hour on a 2-core CPU.
 - ``train ARCH``: one SAE of architecture ARCH (``DataConfig`` + the architecture's config
   + ``TrainConfig``) into a run folder (``sae/``, ``checkpoints/``, ``metrics.jsonl``,
   ``eval.json``).
@@ -55,29 +57,60 @@ def usage_errors() -> Iterator[None]:
         raise UsageError(str(err)) from err
 
 
-# ------------------------------------------------------------------ demo
+# ------------------------------------------------------------------ demo and reproduce
+
+
+def add_workflow(commands: Any, name: str, config_class: type, handler: Any, **texts: str) -> None:
+    """A command whose options are ``config_class``'s fields; ``texts``: argparse's help and description."""
+    parser = commands.add_parser(name, **texts)
+    add_dataclass_arguments(parser, config_class, title=f"{name} options")
+    parser.set_defaults(handler=handler)
+
+
+def run_workflow(args: argparse.Namespace, config_class: type, prepare: Any, execute: Any, resume_hint: str) -> int:
+    """``prepare`` the config from ``args`` (its errors are usage errors), then ``execute`` it;
+    ``resume_hint`` (formatted with ``out``) is printed if Ctrl-C interrupts the work."""
+    with usage_errors():
+        cfg = prepare(dataclass_from_args(config_class, args))
+    args.resume_hint = resume_hint.format(out=cfg.out)
+    execute(cfg)
+    return 0
 
 
 def add_demo(commands: Any) -> None:
-    parser = commands.add_parser(
-        "demo", help="the main job: TopK vs FLOP- and width-matched Switch SAEs, table + report",
+    add_workflow(
+        commands, "demo", DemoConfig, run_demo_command,
+        help="the main job: TopK vs FLOP- and width-matched Switch SAEs, table + report",
         description="Harvest activations from a model (default: the embedded SmolLM2-135M, no internet "
         "needed), train a TopK SAE and FLOP-matched and width-matched Switch SAEs on the same batches, "
         "evaluate them on the same held-out tokens, print a comparison table and write a report with plots. "
         "Sizes left unset come from --preset.",
     )
-    add_dataclass_arguments(parser, DemoConfig, title="demo options")
-    parser.set_defaults(handler=run_demo_command)
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
     from .demo import execute_demo, prepare_demo
 
-    with usage_errors():
-        cfg = prepare_demo(dataclass_from_args(DemoConfig, args))
-    args.resume_hint = f"switch-sae demo --resume --out {cfg.out}"
-    execute_demo(cfg)
-    return 0
+    return run_workflow(args, DemoConfig, prepare_demo, execute_demo, "switch-sae demo --resume --out {out}")
+
+
+def add_reproduce(commands: Any) -> None:
+    from .experiments.reproduce import ReproduceConfig
+
+    add_workflow(
+        commands, "reproduce", ReproduceConfig, run_reproduce_command,
+        help="the paper's sweeps over k and n_experts: table + figures (~1 h on a 2-core CPU)",
+        description="Harvest activations once, train TopK, FLOP- and width-matched Switch, ReLU and Gated SAEs over "
+        "k, and Switch SAEs over n_experts, evaluate all on the same held-out tokens, and write a table "
+        "(results.md, results.json) and the paper's figures (figures/*.png). Running it again with the same "
+        "--out continues an interrupted run.",
+    )
+
+
+def run_reproduce_command(args: argparse.Namespace) -> int:
+    from .experiments.reproduce import ReproduceConfig, execute_reproduce, prepare_reproduce
+
+    return run_workflow(args, ReproduceConfig, prepare_reproduce, execute_reproduce, "the same command with --out {out}")
 
 
 # ------------------------------------------------------------------ train
@@ -234,10 +267,10 @@ def run_bench_command(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switch-sae",
-        description="Switch sparse autoencoders: train, evaluate, analyse, benchmark, or run the demo.",
+        description="Switch sparse autoencoders: train, evaluate, analyse, benchmark, run the demo or reproduce the paper.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_demo, add_train, add_eval, add_analyze, add_bench):
+    for add in (add_demo, add_reproduce, add_train, add_eval, add_analyze, add_bench):
         add(commands)
     return parser
 

@@ -39,10 +39,9 @@ import torch
 
 from .activations import hook_d_in
 from .evals import flops, geometry
-from .evals.evaluate import evaluate, mean_activation, special_token_ids
-from .evals.patching import keep_mask
+from .evals.evaluate import evaluate_many
 from .io import atomic_write_json
-from .models import SAE, SwitchSAE, TopKSAE, TopKSAEConfig
+from .models import SAE, TopKSAEConfig
 from .pipeline import DataConfig, activation_source, check_inputs, eval_tokens, load_language_model, training_batches
 from .training import TrainConfig, Trainer
 
@@ -181,17 +180,7 @@ def prepare_run_dir(cfg: DemoConfig) -> None:
 def make_saes(cfg: DemoConfig, d_in: int) -> dict[str, SAE]:
     """The TopK baseline and its FLOP-matched and width-matched Switch counterparts."""
     meta = {"hook_name": cfg.hook_name, "model_name": cfg.model, "device": cfg.device}
-    baseline = TopKSAEConfig(d_in=d_in, d_sae=cfg.d_sae, k=cfg.k, **meta)
-    configs = {
-        "topk": baseline,
-        "switch-flop": flops.flop_matched_config(baseline, cfg.n_experts),
-        "switch-width": flops.width_matched_config(baseline, cfg.n_experts),
-    }
-    saes = {}
-    for i, (name, sae_cfg) in enumerate(configs.items()):
-        torch.manual_seed(cfg.seed + i)
-        saes[name] = TopKSAE(sae_cfg) if name == "topk" else SwitchSAE(sae_cfg)
-    return saes
+    return flops.make_saes(TopKSAEConfig(d_in=d_in, d_sae=cfg.d_sae, k=cfg.k, **meta), cfg.n_experts, seed=cfg.seed)
 
 
 def train_one(cfg: DemoConfig, name: str, sae: SAE, source: Any, run_dir: Path) -> SAE:
@@ -216,7 +205,7 @@ def training_speed(run_dir: Path, batch_size: int) -> dict[str, float]:
     return {"tokens_per_s": median, "step_ms": 1e3 * batch_size / median}
 
 
-def summarise(name: str, sae: SAE, result: Any, speed: dict[str, float], cfg: DemoConfig) -> dict[str, Any]:
+def summarise(name: str, sae: SAE, result: Any, speed: dict[str, float], cfg: DataConfig) -> dict[str, Any]:
     """One row of the comparison table."""
     load = result.expert_load
     return {
@@ -224,12 +213,15 @@ def summarise(name: str, sae: SAE, result: Any, speed: dict[str, float], cfg: De
         "architecture": sae.architecture,
         "d_sae": sae.d_sae,
         "n_experts": getattr(sae.cfg, "n_experts", 1),
-        "k": sae.cfg.k,
+        "k": getattr(sae.cfg, "k", None),
         "flops_per_token": flops.flop_count(sae).forward_total,
         "mse": result.mse,
         "fve": result.fve,
         "l0": result.l0,
+        "unseen_fraction": result.unseen_fraction,
+        "unseen_floor": result.unseen_floor,
         "dead_fraction": result.dead_fraction,
+        "dead_source": result.dead_source,
         "loss_recovered": result.loss_recovered_zero,
         "loss_recovered_mean": result.loss_recovered_mean,
         "kl": result.kl,
@@ -240,6 +232,23 @@ def summarise(name: str, sae: SAE, result: Any, speed: dict[str, float], cfg: De
         "batch_size": cfg.batch_size,
         **speed,
     }
+
+
+# ------------------------------------------------------------------ evaluation
+
+
+def evaluate_trained(cfg: DataConfig, lm: Any, tokens: Any, trained: dict[str, SAE], run_dirs: dict[str, Path]) -> list[dict[str, Any]]:
+    """Evaluate every SAE of ``trained`` on the same held-out ``tokens``, running the model's
+    clean and ablated passes once for all of them; writes ``eval.json`` and ``metrics.json``
+    (what ``switch-sae analyze`` reads) into each run folder and returns the summary rows."""
+    results = evaluate_many(trained, lm, tokens, cfg.resolved_hook(), batch_size=cfg.harvest_batch,
+                            run_dirs=run_dirs, progress=cfg.progress)
+    rows = []
+    for name, result in results.items():
+        result.save(run_dirs[name] / "eval.json")
+        rows.append(summarise(name, trained[name], result, training_speed(run_dirs[name], cfg.batch_size), cfg))
+        atomic_write_json(rows[-1], run_dirs[name] / "metrics.json")
+    return rows
 
 
 # ------------------------------------------------------------------ the whole job
@@ -306,14 +315,7 @@ def execute_demo(cfg: DemoConfig) -> DemoResult:
               f"k={cfg.k}, {cfg.steps()} steps of {cfg.batch_size} tokens")
         trained[name] = train_one(cfg, name, sae, source, out / name)
     stage(f"evaluating on {tokens.numel()} held-out tokens ({cfg.eval_contexts} contexts)")
-    keep = keep_mask(tokens, special_token_ids(lm))
-    mean = mean_activation(lm, tokens, cfg.hook_name, batch_size=cfg.harvest_batch, keep=keep)
-    rows = []
-    for name, sae in trained.items():
-        result = evaluate(sae, lm, tokens, cfg.hook_name, batch_size=cfg.harvest_batch, mean=mean, progress=cfg.progress)
-        result.save(out / name / "eval.json")
-        rows.append(summarise(name, sae, result, training_speed(out / name, cfg.batch_size), cfg))
-        atomic_write_json(rows[-1], out / name / "metrics.json")  # what `switch-sae analyze` reads
+    rows = evaluate_trained(cfg, lm, tokens, trained, {name: out / name for name in trained})
     stage("plots and report")
     analyze_runs([out / name for name in trained], out / "analysis", tsne=cfg.tsne)
     if cfg.cache_activations and not cfg.keep_activations:

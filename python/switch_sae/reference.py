@@ -137,21 +137,33 @@ def encode_backward(
     )
 
 
+GATES = ("prob", "renormalized")
+
+
 def route(
-    x: Tensor, W_router: Tensor, b_router: Tensor, n_active: int
+    x: Tensor, W_router: Tensor, b_router: Tensor, n_active: int, gate: str = "prob"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Router of the paper: ``probs = softmax((x - b_router) @ W_router.T)``, top-n_active.
 
-    The gate of a selected expert is its (not renormalised) probability, so with one
-    active expert the gate is ``p_max`` and the router learns from reconstruction.
+    ``gate`` says how a selected expert's values are scaled:
+
+    - ``"prob"`` (the paper): by its router probability, not renormalised, so with one
+      active expert the gate is ``p_max`` and the router learns from reconstruction;
+    - ``"renormalized"`` (Scale SAE): by its probability divided by the sum over the
+      selected experts, so the gates of a token sum to 1. With one active expert the gate
+      is then always 1 and only the load-balancing loss trains the router.
 
     Returns:
         probs: ``[batch, n_experts]`` (float32 or wider); gates: ``[batch, n_active]``;
         experts: ``[batch, n_active]`` int64.
     """
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     logits = (x - b_router) @ W_router.T  # [batch, n_experts]
     probs = torch.softmax(logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits, dim=-1)
     gates, experts = torch.topk(probs, n_active, dim=-1)
+    if gate == "renormalized":
+        gates = gates / gates.sum(-1, keepdim=True)  # [batch, n_active]
     return probs, gates, experts
 
 
@@ -165,6 +177,7 @@ def switch_forward(
     b_dec: Tensor,
     k: int,
     n_active: int = 1,
+    gate: str = "prob",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The whole Switch SAE forward, dense-and-mask, as the paper's reference code does it.
 
@@ -175,13 +188,13 @@ def switch_forward(
     Args:
         x: ``[batch, d_in]``; W_enc, W_dec: ``[n_experts, d_expert, d_in]``;
         b_enc: ``[n_experts, d_expert]`` or None; W_router: ``[n_experts, d_in]``;
-        b_router, b_dec: ``[d_in]``.
+        b_router, b_dec: ``[d_in]``; gate: as in ``route``.
     Returns:
         x_hat ``[batch, d_in]``, values ``[batch, k]`` (gated, descending), indices
         ``[batch, k]``, router probs ``[batch, n_experts]``, experts ``[batch, n_active]``.
     """
     n_experts, d_expert, d_in = W_enc.shape
-    probs, gates, experts = route(x, W_router, b_router, n_active)
+    probs, gates, experts = route(x, W_router, b_router, n_active, gate)
     pre = torch.einsum("bd,efd->bef", x - b_dec, W_enc)  # [batch, n_experts, d_expert]
     if b_enc is not None:
         pre = pre + b_enc

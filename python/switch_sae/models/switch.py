@@ -8,7 +8,8 @@ Tokens are grouped by expert (``ops.dispatch``) and only their expert's encoder 
 multiplied (``ops.encode_topk``), so the encoder costs ``n_active * d_expert`` rather
 than ``d_sae`` multiply-adds per token per input dimension; decoding is a gather-sum.
 The gate is the router's (not renormalised) probability: with one active expert it is
-``p_max``, which is how the router learns from the reconstruction loss (paper, sec. 3).
+``p_max``, which is how the router learns from the reconstruction loss (paper, sec. 3);
+``gate="renormalized"`` divides it by the sum over the selected experts (Scale SAE).
 
 Optional feature scaling (Scale SAE, arXiv 2511.05745): each expert's encoder is
 ``A_LP + (1 + w_e) A_HP`` with ``A_LP = T(mean row of W_enc[e])`` broadcast over rows and
@@ -45,6 +46,8 @@ class SwitchSAEConfig(AuxKConfig):
     """Active features per token (the L0 of the code)."""
     n_active: int = 1
     """Experts per token: 1 is the paper's Switch SAE, >1 multi-expert activation."""
+    gate: str = "prob"
+    """Scale of a selected expert's values: 'prob', its router probability (the paper; the router learns from reconstruction), or 'renormalized', that divided by the sum over the token's n_active experts (Scale SAE; with n_active=1 the gate is 1 and only the balance loss trains the router)."""
     use_encoder_bias: bool = False
     """Per-feature encoder bias ``b_enc``; off in the paper's final Switch SAE."""
     feature_scaling: bool = False
@@ -74,6 +77,8 @@ class SwitchSAEConfig(AuxKConfig):
             )
         if self.n_active > self.n_experts:
             raise ValueError(f"n_active={self.n_active} exceeds n_experts={self.n_experts}")
+        if self.gate not in reference.GATES:
+            raise ValueError(f"gate must be one of {reference.GATES}, got {self.gate!r}")
         parse_dtype(self.dtype)
         lb = self.lb_coefficient
         if isinstance(lb, bool) or not isinstance(lb, (int, float)) or not 0 <= lb < float("inf"):
@@ -143,7 +148,7 @@ class SwitchSAE(AuxKTerms, SAE):
 
     def route(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``x [batch, d_in]`` -> probs ``[batch, n_experts]``, gates and experts ``[batch, n_active]``."""
-        probs, gates, experts = reference.route(x, self.W_router, self.b_router, self.cfg.n_active)
+        probs, gates, experts = reference.route(x, self.W_router, self.b_router, self.cfg.n_active, self.cfg.gate)
         return self.hook_router_probs(probs), gates.to(x.dtype), experts
 
     def _encode_routed(self, x: Tensor, gates: Tensor, experts: Tensor) -> SparseCode:
