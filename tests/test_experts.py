@@ -7,7 +7,7 @@ import torch
 
 from switch_sae import ForwardOutput, SwitchSAE, SwitchSAEConfig
 from switch_sae.evals.experts import ExpertStatsAccumulator, expert_stats
-from switch_sae.training.losses import load_balancing
+from switch_sae.models.losses import load_balancing
 
 
 def output(probs, experts):

@@ -6,7 +6,7 @@ Accumulates, from ``ForwardOutput``s (``router_probs [batch, n_experts]`` and
 - load: fraction of tokens routed to each expert (sums to ``n_active``), and its entropy;
 - mean router probability per expert, mean per-token router entropy (nats and / log N);
 - the Switch-Transformer balance term ``N * sum_i f_i P_i`` (1 at perfect balance), with
-  ``f`` defined once for training and evaluation by ``training.losses.expert_load`` (the
+  ``f`` defined once for training and evaluation by ``models.losses.expert_load`` (the
   share of (token, expert) pairs, counting every selected expert; the paper's top-1 load
   when ``n_active = 1``);
 - co-activation ``[n_experts, n_experts]``: tokens that select both experts (the diagonal is
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..training.losses import expert_load
+from ..models.losses import expert_load
 
 
 @dataclass
@@ -45,7 +45,7 @@ class ExpertStats:
     router_entropy_normalised: float
     """router_entropy / log(n_experts): 0 = always certain, 1 = uniform."""
     balance_loss: float
-    """n_experts * sum_i f_i P_i with f as training defines it (``training.losses.expert_load``); 1 at perfect balance."""
+    """n_experts * sum_i f_i P_i with f as training defines it (``models.losses.expert_load``); 1 at perfect balance."""
     coactivation: list[list[float]]
     """[n_experts, n_experts] tokens selecting both experts (diagonal: tokens selecting one)."""
     coactivation_conditional: list[list[float]]

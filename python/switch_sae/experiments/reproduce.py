@@ -177,18 +177,9 @@ def planned_runs(cfg: ReproduceConfig, d_in: int) -> list[Run]:
     for l1 in cfg.l1_coefficients:
         for i, (series, cls, config_class) in enumerate((("relu", ReLUSAE, ReLUSAEConfig), ("gated", GatedSAE, GatedSAEConfig))):
             torch.manual_seed(cfg.seed + i)
-            model_cfg, _ = _l1_placement(config_class, l1)
-            sae = cls(config_class(d_in=d_in, d_sae=cfg.d_sae, **meta, **model_cfg))
+            sae = cls(config_class(d_in=d_in, d_sae=cfg.d_sae, l1_coefficient=l1, **meta))
             runs.append(Run(f"{series}-l1-{l1:g}", series, "l1", sae, l1))
     return runs
-
-
-def _l1_placement(config_class: type, l1: float) -> tuple[dict[str, float], dict[str, float]]:
-    """``(model config, TrainConfig)`` keyword arguments carrying the L1 coefficient: it belongs
-    to the model config when the architecture owns its loss terms, else to ``TrainConfig``."""
-    if "l1_coefficient" in {f.name for f in dataclasses.fields(config_class)}:
-        return {"l1_coefficient": l1}, {}
-    return {}, {"l1_coefficient": l1}
 
 
 def _identity(run: Run) -> str:
@@ -202,9 +193,8 @@ def train_run(cfg: ReproduceConfig, run: Run, source: Callable[[], Any], run_dir
     if (run_dir / "sae" / "model.safetensors").is_file():
         log(f"{run.name}: already trained, reusing {run_dir / 'sae'}")
     else:
-        _, train_l1 = _l1_placement(type(run.sae.cfg), run.l1_coefficient) if run.l1_coefficient else ({}, {})
         train_cfg = TrainConfig(total_steps=cfg.steps(), seed=cfg.seed, run_dir=str(run_dir), resume=True,
-                                progress=cfg.progress, **train_l1)
+                                progress=cfg.progress)
         Trainer(run.sae, train_cfg).fit(training_batches(cfg, source()))
     return SAE.load(run_dir / "sae", device=cfg.device)
 
