@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import signal
 import threading
 import time
@@ -45,9 +44,10 @@ from tqdm.auto import tqdm
 
 from .. import ops
 from ..models.base import SAE, ForwardOutput
+from ..typed_config import config_from_dict
 from . import losses
 from .auxk import dead_latent_code, default_k_aux, supports_auxk
-from .checkpoint import CheckpointError, checkpoints, load_checkpoint, save_checkpoint, verify
+from .checkpoint import CheckpointError, load_checkpoint, newest_valid, read_state, save_checkpoint
 from .config import TrainConfig
 from .dead import DeadLatentTracker, fired_latents, l0
 from .init import init_biases_from_batch_
@@ -280,13 +280,11 @@ class Trainer:
         )
 
     def _resume(self) -> None:
-        found = checkpoints(self.checkpoint_root)
-        if not found:
+        path = newest_valid(self.checkpoint_root)
+        if path is None:
             return  # nothing to resume: a fresh run
-        path = found[-1]
-        verify(path)
-        state = json.loads((path / "trainer.json").read_text())
-        saved = TrainConfig(**state["train_config"])
+        state = read_state(path)
+        saved = config_from_dict(TrainConfig, state["train_config"], path / "trainer.json")
         diff = {
             f.name: (getattr(saved, f.name), getattr(self.cfg, f.name))
             for f in dataclasses.fields(TrainConfig)
