@@ -77,7 +77,7 @@ def edit_json_field(path: Path, rng: random.Random) -> str:
     """Set or delete one field (top level or one level down) of a JSON object file."""
     obj = json.loads(path.read_text())
     holder = obj
-    nested = [k for k, v in obj.items() if isinstance(v, dict) or (isinstance(v, list) and v and isinstance(v[0], dict))]
+    nested = [k for k, v in obj.items() if (isinstance(v, dict) and v) or (isinstance(v, list) and v and isinstance(v[0], dict) and v[0])]
     if nested and rng.random() < 0.5:
         inner = obj[rng.choice(nested)]
         holder = rng.choice(inner) if isinstance(inner, list) else inner

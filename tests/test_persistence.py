@@ -102,7 +102,7 @@ def old_format_save(model, directory) -> None:
     """A folder as switch_sae wrote it before checksums: no checksum, no config in the weights."""
     from safetensors.torch import save_file
 
-    directory.mkdir(parents=True)
+    directory.mkdir(parents=True, exist_ok=True)
     save_file({n: t.contiguous() for n, t in model.state_dict().items()}, str(directory / "model.safetensors"))
     (directory / "cfg.json").write_text(json.dumps(model.config_dict()))
 
@@ -126,7 +126,7 @@ def test_old_saves_still_get_type_dtype_and_shape_checks(tmp_path):
     old_format_save(model, tmp_path)
     cfg = tmp_path / "cfg.json"
     edit_json(cfg, use_encoder_bias="false")  # truthy string: would end in "missing b_enc"
-    with pytest.warns(UserWarning), raises_naming(cfg, "use_encoder_bias"):
+    with raises_naming(cfg, "use_encoder_bias"):
         SAE.load(tmp_path)
     edit_json(cfg, use_encoder_bias=False, dtype="float64")  # would be silently cast
     with pytest.warns(UserWarning), raises_naming(tmp_path / "model.safetensors", "W_dec is torch.float32"):
@@ -265,7 +265,8 @@ def test_cache_writer_refuses_to_reopen_a_damaged_cache(tmp_path):
     flip_byte(shard, shard.stat().st_size - 1)
     with raises_naming(shard, "corrupt"):
         CacheWriter(tmp_path, CacheSpec(model_name="m", hook_name="h", d_in=D_IN))
-    (tmp_path / MANIFEST).write_text('{"format": "switch_sae.activation_cache/1", "spec": {"d_in": "8"}}')
+    spec = {"model_name": "m", "hook_name": "h", "d_in": "8"}
+    (tmp_path / MANIFEST).write_text(json.dumps({"format": "switch_sae.activation_cache/1", "spec": spec}))
     with raises_naming(tmp_path / MANIFEST, "d_in"):
         CacheWriter(tmp_path, CacheSpec(model_name="m", hook_name="h", d_in=D_IN))
 

@@ -220,15 +220,19 @@ def _run_checks(device: torch.device) -> list[OpCheck]:
     return list(checks.values())
 
 
-def selftest(device: str | torch.device | None = None, *, file: TextIO | None = sys.stdout) -> SelftestReport:
+def selftest(
+    device: str | torch.device | None = None, *, verbose: bool = True, file: TextIO | None = None
+) -> SelftestReport:
     """Check every compiled op on ``device`` (default: CUDA if present, else CPU) against
-    ``reference.py``; print a per-op table to ``file`` (None: silent) and return the report."""
+    ``reference.py``; print a per-op table to ``file`` (default stdout) unless ``verbose``
+    is False, and return the report."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     report = SelftestReport(str(device), [])
     report.problem = _problem(device)
     if report.problem is None:
         report.checks = _run_checks(device)
-    if file is not None:
+    if verbose:
+        file = file if file is not None else sys.stdout
         print(f"switch_sae selftest on {device} (torch {torch.__version__})", file=file)
         if report.problem is not None:
             print(f"cannot run: {report.problem}", file=file)
