@@ -100,22 +100,22 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def read_safetensors(path: str | Path, device: str = "cpu") -> tuple[dict[str, Tensor], dict[str, str]]:
-    """All tensors of a safetensors file and its metadata; a damaged file raises naming it."""
-    return _read_safetensors(path, device, tensors=True)
+def read_safetensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors of a safetensors file (on the CPU) and its metadata; a damaged file raises naming it."""
+    return _read_safetensors(path, tensors=True)
 
 
 def read_safetensors_metadata(path: str | Path) -> dict[str, str]:
     """The metadata of a safetensors file (its header only); a damaged file raises naming it."""
-    return _read_safetensors(path, "cpu", tensors=False)[1]
+    return _read_safetensors(path, tensors=False)[1]
 
 
-def _read_safetensors(path: str | Path, device: str, tensors: bool) -> tuple[dict[str, Tensor], dict[str, str]]:
+def _read_safetensors(path: str | Path, tensors: bool) -> tuple[dict[str, Tensor], dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             return ({name: f.get_tensor(name) for name in f.keys()} if tensors else {}), metadata
     except (SafetensorError, OSError, RuntimeError, ValueError) as err:
