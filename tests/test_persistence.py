@@ -121,6 +121,15 @@ def test_old_saves_without_a_checksum_load_with_a_warning(tmp_path):
         SAE.load(tmp_path / "new")
 
 
+def test_a_deleted_checksum_is_not_taken_for_an_old_save(tmp_path):
+    switch_sae().save(tmp_path)
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    del cfg[CHECKSUM_KEY]
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with raises_naming(tmp_path / "cfg.json", f"lacks the {CHECKSUM_KEY}"):
+        SAE.load(tmp_path)
+
+
 def test_old_saves_still_get_type_dtype_and_shape_checks(tmp_path):
     model = switch_sae()
     old_format_save(model, tmp_path)

@@ -231,6 +231,9 @@ def read_saved_config(directory: str | Path) -> tuple[type["SAE"], dict[str, Any
         raise DamagedFileError(f"{cfg_path}: unknown architecture {architecture!r}; known: {sorted(_REGISTRY)}")
     target = _REGISTRY[architecture]
     config_from_dict(target.config_class, cfg_dict, cfg_path)  # types and ranges, naming the field
+    metadata = read_safetensors_metadata(weights_path)
+    if checksum is None and CONFIG_METADATA in metadata:  # saved with a checksum that is gone
+        raise DamagedFileError(f"{cfg_path} lacks the {CHECKSUM_KEY} that {weights_path} was saved with")
     if checksum is None:
         warnings.warn(
             f"{cfg_path} records no checksum of {WEIGHTS_FILE} (saved by an older switch_sae), "
@@ -239,7 +242,6 @@ def read_saved_config(directory: str | Path) -> tuple[type["SAE"], dict[str, Any
         )
         return target, cfg_dict
     check_sha256(weights_path, checksum, cfg_path)
-    metadata = read_safetensors_metadata(weights_path)
     try:
         saved_with = json.loads(metadata[CONFIG_METADATA])
     except (KeyError, json.JSONDecodeError) as err:
