@@ -12,7 +12,11 @@ the type of every config field, that ``cfg.json`` still says what the weights we
 with (an edited ``k`` or ``dtype`` would otherwise load as a different model), and every
 tensor's name, shape and dtype; each error names the file.
 
-What it leaves out: training losses (``switch_sae.training``) and evaluation.
+Every architecture owns its training objective: ``training_terms(x, out, dead)`` returns
+the weighted loss terms (reconstruction plus whatever the architecture adds, with the
+coefficients on its own config), so the trainer only sums, steps and logs them.
+
+What it leaves out: the optimisation loop (``switch_sae.training``) and evaluation.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from ..io import (
     sha256_file,
 )
 from ..typed_config import config_from_dict
+from . import losses
 
 try:  # TransformerLens hook points, so users can hook an SAE like any TL module.
     from transformer_lens.hook_points import HookPoint
@@ -71,7 +76,8 @@ class ForwardOutput(NamedTuple):
     acts: Tensor | None  # dense [batch, d_sae] code (L1 family), else None
     router_probs: Tensor | None = None  # [batch, n_experts] (Switch only)
     experts: Tensor | None = None  # [batch, n_active] int64 (Switch only)
-    aux: dict[str, Tensor] | None = None  # architecture-specific training terms
+    aux: dict[str, Tensor] | None = None  # architecture-specific inputs of training_terms
+    gates: Tensor | None = None  # [batch, n_active] multipliers of each expert's values (Switch only)
 
     @property
     def values(self) -> Tensor:
@@ -130,6 +136,12 @@ class SAE(HookedRootModule):
         """``[d_sae, d_in]`` dictionary; row i is feature i's unit-norm direction."""
         raise NotImplementedError
 
+    @property
+    def encoder_width(self) -> float:
+        """The width in the learning-rate law ``2e-4 / sqrt(width / 2^14)``: ``d_sae`` for a
+        dense dictionary (routed models say otherwise)."""
+        return self.d_sae
+
     def encode(self, x: Tensor) -> SparseCode | Tensor:
         raise NotImplementedError
 
@@ -142,6 +154,16 @@ class SAE(HookedRootModule):
 
     def forward(self, x: Tensor) -> ForwardOutput:
         raise NotImplementedError
+
+    def training_terms(self, x: Tensor, out: ForwardOutput, dead: Tensor | None = None) -> dict[str, Tensor]:
+        """Weighted loss terms of one forward pass ``out`` of ``x [batch, d_in]``; the loss is their sum.
+
+        ``mse`` (summed over d_in, mean over tokens) is always first; architectures add
+        their own terms, each weighted in units of ``losses.weight_unit(x)`` so that its
+        coefficient means the same thing at any activation scale. ``dead`` is the trainer's
+        ``[d_sae]`` bool mask of latents that have not fired for a while (None: unknown).
+        """
+        return {"mse": losses.mse(x, out.x_hat)}
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

@@ -1,6 +1,6 @@
 """Per-step training metrics and where they go: JSONL, plus wandb/TensorBoard if installed.
 
-What it leaves out: computing the numbers (``trainer.py``, ``losses.py``).
+What it leaves out: computing the numbers (``trainer.py``, ``models/losses.py``).
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ class StepMetrics:
     """Share of tokens per expert (f_i); routed models."""
     router_entropy: float | None = None
     """Mean per-token entropy of the router distribution (nats); routed models."""
+    p_max: float | None = None
+    """Mean over tokens of the largest router probability (1/n_experts: a flat router); routed models."""
     extra: dict[str, float] = field(default_factory=dict)
     """Architecture statistics from ForwardOutput.aux (e.g. BatchTopK's threshold)."""
 
