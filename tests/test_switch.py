@@ -277,7 +277,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown architecture 'nonsense'"):
         SAE.load(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg | {"d_expert": 11}))
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(ValueError, match="cfg.json was edited after saving.*d_expert"):
         SAE.load(tmp_path)
 
 

@@ -1,4 +1,4 @@
-"""The ``switch-sae`` command (also ``python -m switch_sae``): train | eval | analyze | bench | demo | reproduce.
+"""The ``switch-sae`` command (also ``python -m switch_sae``): train | eval | analyze | bench | demo | reproduce | selftest.
 
 Options are derived from the config dataclasses (``cli_args``), so ``switch-sae <command>
 --help`` documents every field with its docstring and default:
@@ -12,6 +12,8 @@ Options are derived from the config dataclasses (``cli_args``), so ``switch-sae 
 - ``eval SAE_DIR...``: evaluate saved SAEs on held-out tokens, print and save the metrics.
 - ``analyze RUN_DIR...``: geometry, FLOPs and plots of saved runs (``evals.report``).
 - ``bench``: time the ops and training steps against the alternatives (``bench``).
+- ``selftest``: check the compiled ops on this device against ``reference.py`` (``selftest``);
+  exits 1 on a mismatch.
 
 A bad option or a missing input exits with code 2 and a one-line message (no traceback);
 Ctrl-C exits with 130 after the trainer has written a checkpoint, and says how to resume.
@@ -261,16 +263,37 @@ def run_bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ selftest
+
+
+def add_selftest(commands: Any) -> None:
+    parser = commands.add_parser(
+        "selftest", help="check every compiled op on this device against reference.py",
+        description="Run every compiled op on sample shapes against its PyTorch twin: forward, gradients, "
+        "determinism. Run it first on a new GPU. Exits 1 on any mismatch.",
+    )
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if present, else cpu)")
+    parser.set_defaults(handler=run_selftest_command)
+
+
+def run_selftest_command(args: argparse.Namespace) -> int:
+    from .self_test import selftest
+
+    with usage_errors():
+        report = selftest(args.device)
+    return 0 if report.ok else 1
+
+
 # ------------------------------------------------------------------ entry point
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switch-sae",
-        description="Switch sparse autoencoders: train, evaluate, analyse, benchmark, run the demo or reproduce the paper.",
+        description="Switch sparse autoencoders: train, evaluate, analyse, benchmark, self-test, run the demo or reproduce the paper.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_demo, add_reproduce, add_train, add_eval, add_analyze, add_bench):
+    for add in (add_demo, add_reproduce, add_train, add_eval, add_analyze, add_bench, add_selftest):
         add(commands)
     return parser
 

@@ -3,6 +3,9 @@
 After ``import switch_sae`` the compiled ops are callable as ``torch.ops.switch_sae.<op>``
 from any codebase; the wrappers below add docstrings and fall back to
 ``switch_sae.reference`` (warning once) when the compiled extension is not installed.
+``SWITCH_SAE_BACKEND=reference``, ``set_backend("reference")`` or ``with
+use_backend("reference"):`` route the wrappers (and so every model) to the PyTorch twins
+on any device, so a user can keep working while a kernel is suspect.
 Schemas live in ``csrc/registration.cpp``; semantics are those of ``reference.py``.
 
 What it leaves out: routing (``reference.route``, ordinary autograd) and the gate/merge
@@ -11,9 +14,11 @@ step, which are small dense tensor operations left to the model.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -56,6 +61,49 @@ def _load_extension() -> bool:
 HAS_EXTENSION = _load_extension()
 _warned = False
 
+BACKENDS = ("extension", "reference")
+
+
+def _check_backend(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_backend = _check_backend(os.environ.get("SWITCH_SAE_BACKEND", "extension"), "SWITCH_SAE_BACKEND")
+
+
+def set_backend(name: str) -> None:
+    """Run the op wrappers on ``"extension"`` (the compiled kernels, when installed; the
+    default) or ``"reference"`` (the plain PyTorch twins in ``reference.py``, any device)."""
+    global _backend
+    _backend = _check_backend(name, "backend")
+
+
+def get_backend() -> str:
+    """The backend ``set_backend`` chose (``"extension"`` falls back when it is not installed)."""
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """``with use_backend("reference"):`` runs the enclosed ops on that backend."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _compiled() -> bool:
+    """Whether the wrappers call the compiled ops now; warns once if they cannot."""
+    if _backend == "reference":
+        return False
+    if not HAS_EXTENSION:
+        _warn_reference_once()
+    return HAS_EXTENSION
+
 
 def _warn_reference_once() -> None:
     global _warned
@@ -64,7 +112,7 @@ def _warn_reference_once() -> None:
         warnings.warn(
             "switch_sae: the compiled extension is not available, running the slow plain "
             f"PyTorch reference ops instead. {REBUILD_HINT}",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -139,9 +187,8 @@ if HAS_EXTENSION:
 
 def dispatch(experts: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
     """Group (token, expert) pairs by expert. See ``reference.dispatch``."""
-    if HAS_EXTENSION:
+    if _compiled():
         return torch.ops.switch_sae.dispatch(experts, n_experts)
-    _warn_reference_once()
     return reference.dispatch(experts, n_experts)
 
 
@@ -157,11 +204,10 @@ def encode_topk(
     tile_rows: int = 1024,
 ) -> tuple[Tensor, Tensor]:
     """Routed encoder, TopK(k), ReLU, in tiles. See ``reference.encode_topk``."""
-    if HAS_EXTENSION:
+    if _compiled():
         return torch.ops.switch_sae.encode_topk(
             x, W_enc, b_enc, b_dec, order, offsets, n_active, k, tile_rows
         )
-    _warn_reference_once()
     # The compiled op is not autocast-aware (it runs in its inputs' dtype); the reference
     # must do the same rather than let autocast lower some of its products.
     with torch.autocast(x.device.type, enabled=False):
@@ -170,26 +216,23 @@ def encode_topk(
 
 def decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     """Sparse gather-sum decoder. See ``reference.decode``."""
-    if HAS_EXTENSION:
+    if _compiled():
         return torch.ops.switch_sae.decode(values, indices, W_dec)
-    _warn_reference_once()
     with torch.autocast(values.device.type, enabled=False):  # as in encode_topk
         return reference.decode(values, indices, W_dec)
 
 
 def decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor):
     """Gradients of ``decode``. See ``reference.decode_backward``."""
-    if HAS_EXTENSION:
+    if _compiled():
         return torch.ops.switch_sae.decode_backward(grad_out, values, indices, W_dec)
-    _warn_reference_once()
     return reference.decode_backward(grad_out, values, indices, W_dec)
 
 
 def encode_backward(grad_values, values, indices, x, W_enc, b_dec, n_active: int):
     """Gradients of ``encode_topk``. See ``reference.encode_backward``."""
-    if HAS_EXTENSION:
+    if _compiled():
         return torch.ops.switch_sae.encode_backward(
             grad_values, values, indices, x, W_enc, b_dec, n_active
         )
-    _warn_reference_once()
     return reference.encode_backward(grad_values, values, indices, x, W_enc, b_dec, n_active)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import signal
 import threading
 import time
@@ -48,7 +47,8 @@ from tqdm.auto import tqdm
 
 from ..models import losses
 from ..models.base import SAE
-from .checkpoint import CheckpointError, checkpoints, load_checkpoint, save_checkpoint, verify
+from ..typed_config import config_from_dict
+from .checkpoint import CheckpointError, load_checkpoint, newest_valid, read_state, save_checkpoint
 from .config import TrainConfig
 from .dead import DeadLatentTracker, fired_latents, l0
 from .init import init_biases_from_batch_
@@ -272,13 +272,11 @@ class Trainer:
         )
 
     def _resume(self) -> None:
-        found = checkpoints(self.checkpoint_root)
-        if not found:
+        path = newest_valid(self.checkpoint_root)
+        if path is None:
             return  # nothing to resume: a fresh run
-        path = found[-1]
-        verify(path)
-        state = json.loads((path / "trainer.json").read_text())
-        saved = TrainConfig(**state["train_config"])
+        state = read_state(path)
+        saved = config_from_dict(TrainConfig, state["train_config"], path / "trainer.json")
         diff = {
             f.name: (getattr(saved, f.name), getattr(self.cfg, f.name))
             for f in dataclasses.fields(TrainConfig)
