@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from switch_sae import SAE, SwitchSAE, SwitchSAEConfig, TopKSAE, TopKSAEConfig, TrainConfig, Trainer
 from switch_sae.data import SyntheticActivations, SyntheticConfig
 from switch_sae.models import losses
+from switch_sae.models import base
 from switch_sae.models.base import ForwardOutput, register_architecture
 from switch_sae.models.baseline import DictionaryConfig, DictionarySAE
 
@@ -127,8 +128,9 @@ class TiedConfig(DictionaryConfig):
     bias_coefficient: float = 0.1
 
 
-@register_architecture
 class TiedSAE(DictionarySAE):
+    """Tied ReLU SAE (a test architecture)."""
+
     architecture = "test-tied"
     config_class = TiedConfig
 
@@ -149,7 +151,10 @@ class TiedSAE(DictionarySAE):
         return terms
 
 
-def test_a_new_architecture_trains_through_its_own_training_terms(tmp_path):
+def test_a_new_architecture_trains_through_its_own_training_terms(tmp_path, monkeypatch):
+    # registered for this test only, so that other tests see the library's own architectures
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    register_architecture(TiedSAE)
     torch.manual_seed(0)
     model = TiedSAE(TiedConfig(d_in=32, d_sae=64))
     trainer = Trainer(model, TrainConfig(total_steps=60, lr=3e-3, progress=False, run_dir=str(tmp_path)))
