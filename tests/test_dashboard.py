@@ -190,3 +190,24 @@ def test_site_for_every_architecture(architecture, tiny_lm, tmp_path):
         assert (site / "experts.html").is_file() and (site / "experts" / "expert_1.html").is_file()
     else:
         assert not (site / "experts.html").exists() and all("routing" not in r and "expert" not in r for r in records)
+
+
+def test_dashboard_command_on_the_default_model(tmp_path, patched_lm, capsys):
+    from switch_sae import cli
+
+    torch.manual_seed(0)
+    SwitchSAE(SwitchSAEConfig(d_in=576, n_experts=2, d_expert=64, k=4, hook_name="blocks.9.hook_resid_post")).save(tmp_path / "run" / "sae")
+    out = tmp_path / "site"
+    argv = ["dashboard", str(tmp_path / "run"), "--out", str(out), "--tokens", "120", "--context-size", "31",
+            "--logit-tokens", "3", "--no-progress"]
+    assert cli.main(argv) == 0
+    assert f"wrote {out / 'index.html'}" in capsys.readouterr().out
+    meta = read_data(out / "data" / "meta.js")
+    assert meta["n_tokens"] == 120 and meta["hook_name"] == "blocks.9.hook_resid_post"
+    records = [r for c in sorted((out / "data" / "features").glob("*.js")) for r in read_data(c)]
+    vocab = read_data(out / "data" / "tokens.js")["vocab"]
+    fired = [r for r in records if r["fires"]]
+    assert fired and all(len(r["logits_top"]) == 3 for r in fired)
+    assert all(isinstance(vocab[str(i)], str) for r in fired for i, _ in r["logits_top"])  # real token text
+    assert cli.main(["dashboard", str(tmp_path / "missing"), "--no-progress"]) == cli.EXIT_USAGE
+    assert "is not a folder" in capsys.readouterr().err

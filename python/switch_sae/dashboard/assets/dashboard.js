@@ -146,9 +146,10 @@ const DASH = (() => {
 
   function renderBands(target, bands, tokens, maximum) {
     if (!bands.length) { target.appendChild(el("p", { class: "note" }, "no firings to show")); return; }
-    bands.slice().reverse().forEach((band, i) => {
-      const n = bands.length;
-      target.appendChild(el("h3", {}, `quantile ${n - i - 1}/${n}: activations ${fmt(band.low)} to ${fmt(band.high)}`));
+    const n = bands.length;
+    bands.slice().reverse().forEach((band, i) => {  // highest band first
+      const b = n - 1 - i;
+      target.appendChild(el("h3", {}, `firings ranked ${Math.round((100 * b) / n)}–${Math.round((100 * (b + 1)) / n)}% by activation: ${fmt(band.low)} to ${fmt(band.high)}`));
       const box = el("div");
       renderExamples(box, band.examples, tokens, maximum);
       target.appendChild(box);
