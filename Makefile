@@ -5,17 +5,19 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
-EXTRAS ?= lm,analysis,notebooks,interop,test
+EXTRAS ?= lm,analysis,notebooks,interop,dashboard,test
 BUILD_DEPS := scikit-build-core ninja cmake numpy
 SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc cmake python -type f -not -name '*.pyc' 2>/dev/null)
 
 .PHONY: install system-deps demo test bench clean
 
-# The embedded default text: Debian's Python documentation sources (real English prose).
+# The embedded default text: Debian's Python documentation sources (real English prose);
+# the browser that the dashboard test drives: Debian's chromium and its WebDriver.
 system-deps:
-	@if ! ls -d /usr/share/doc/python3*/html/_sources >/dev/null 2>&1; then \
+	@if ! ls -d /usr/share/doc/python3*/html/_sources >/dev/null 2>&1 || ! command -v chromium >/dev/null \
+	    || ! command -v chromedriver >/dev/null; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends python3-doc; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends python3-doc chromium chromium-driver; \
 	fi
 
 $(VENV)/bin/activate:

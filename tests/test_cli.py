@@ -12,6 +12,7 @@ import pytest
 
 from switch_sae import cli
 from switch_sae.bench import BenchConfig
+from switch_sae.dashboard import DashboardConfig
 from switch_sae.demo import DemoConfig
 from switch_sae.experiments import ReproduceConfig
 from switch_sae.models import SwitchSAEConfig, TopKSAEConfig
@@ -42,6 +43,7 @@ def flags(cls, exclude=()) -> list[str]:
         (["train", "topk"], [(TopKSAEConfig, cli.SAE_FILLED)]),
         (["eval"], [(DataConfig, cli.EVAL_UNUSED)]),
         (["bench"], [(BenchConfig, ())]),
+        (["dashboard"], [(DataConfig, cli.EVAL_UNUSED + ("eval_contexts",)), (DashboardConfig, ())]),
     ],
 )
 def test_help_documents_every_config_field(argv, configs, capsys):
