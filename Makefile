@@ -52,10 +52,11 @@ test: install $(if $(NVCC),$(CUDA_VENV)/bin/python)
 # The op tests and the fuzz tests against the C++ core built with AddressSanitizer and
 # UndefinedBehaviorSanitizer, in its own folder (the venv's build is untouched): the
 # package sources plus the sanitized _C go to $(ASAN_DIR)/site, first on PYTHONPATH.
-# Python is not instrumented, so the ASan runtime is preloaded; leak checks are off
-# because the interpreter does not free everything at exit.
+# Python is not instrumented, so the ASan runtime is preloaded, with libstdc++ (else its
+# exception interceptor finds no __cxa_throw to forward to); leak checks are off because
+# the interpreter does not free everything at exit.
 ASAN_DIR := build/asan
-ASAN_ENV := LD_PRELOAD=$$($(CXX) -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 \
+ASAN_ENV := LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 \
 	UBSAN_OPTIONS=print_stacktrace=1 PYTHONPATH=$(CURDIR)/$(ASAN_DIR)/site
 
 test-asan: install
