@@ -106,13 +106,15 @@ std::tuple<at::Tensor, at::Tensor> encode_topk_cpu(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& b_enc,
                                                    const at::Tensor& b_dec, const at::Tensor& order,
                                                    const at::Tensor& offsets, int64_t n_active,
-                                                   int64_t k, int64_t tile_rows) {
-  check_encode_topk_args(x, W_enc, b_enc, b_dec, order, offsets, n_active, k, tile_rows);
+                                                   int64_t k, int64_t requested_tile_rows) {
+  check_encode_topk_args(x, W_enc, b_enc, b_dec, order, offsets, n_active, k, requested_tile_rows);
   const int64_t n_experts = W_enc.size(0), d_expert = W_enc.size(1), d_in = x.size(1);
   const int64_t rows = order.size(0);
+  const int64_t tile_rows = effective_tile_rows(requested_tile_rows, rows);
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets_values(off, n_experts, rows);
   const std::vector<int64_t> tokens = tokens_of_pairs(order, n_active);  // [rows], sorted order
+  check_order_is_permutation(order);
   // Pairs not covered by any expert cannot occur after the checks; zeros match the reference.
   at::Tensor values = at::zeros({rows, k}, x.options());                    // [rows, k]
   at::Tensor indices = at::zeros({rows, k}, x.options().dtype(at::kLong));  // [rows, k]

@@ -247,7 +247,7 @@ std::tuple<at::Tensor, at::Tensor> encode_topk_cuda(const at::Tensor& x, const a
   // Zeros, as on the CPU, so a pair that no expert covers (a bad order) reads as empty.
   EncodeArgs a{x,        W_enc,     b_enc,
                b_dec,    order,     offsets,
-               n_active, k,         tile_rows,
+               n_active, k,         effective_tile_rows(tile_rows, rows),
                at::zeros({rows, k}, x.options()), at::zeros({rows, k}, order.options())};
   if (rows == 0) {
     return {a.values, a.indices};
@@ -255,6 +255,7 @@ std::tuple<at::Tensor, at::Tensor> encode_topk_cuda(const at::Tensor& x, const a
   check_routing_kernel<<<1, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
       offsets.data_ptr<int64_t>(), W_enc.size(0), rows);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_order_is_permutation(order);
   if (grouped_mm_is_fast(x, W_enc)) {
     encode_grouped(a);
   } else {

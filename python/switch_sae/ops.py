@@ -123,27 +123,64 @@ def with_cuda() -> bool:
 
 # ---------------------------------------------------------------- fake kernels and autograd
 
+
+def check_one_device(**tensors: Tensor | None) -> None:
+    """Raise, naming the stray argument, unless every given tensor is on the first one's device.
+
+    The fake kernels below also serve the ``Meta`` dispatch key, which the dispatcher
+    picks as soon as *any* argument is on ``meta``: without this check a call with only
+    ``W_dec`` on meta would return uninitialised CPU memory instead of an error.
+    """
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    ref_name, ref = named[0]
+    for name, t in named[1:]:
+        if t.device != ref.device:
+            raise RuntimeError(
+                f"switch_sae: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+                "they must be on the same device"
+            )
+
+
+def check_routing_sizes(n_active: int, n_experts: int, k: int | None = None, d_expert: int | None = None):
+    """The integer arguments that set output shapes, bounded as the compiled kernels bound them."""
+    if not 1 <= n_active <= n_experts:
+        raise RuntimeError(
+            f"switch_sae: n_active = {n_active} must be in [1, n_experts = W_enc.size(0) = {n_experts}]: "
+            "each token goes to n_active distinct experts"
+        )
+    if k is not None and not 1 <= k <= d_expert:
+        raise RuntimeError(f"switch_sae: k = {k} must be in [1, d_expert = W_enc.size(1) = {d_expert}]")
+
+
 if HAS_EXTENSION:
 
     @torch.library.register_fake("switch_sae::dispatch")
     def _dispatch_fake(experts: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
+        if not 1 <= n_experts < 2**31:
+            raise RuntimeError(f"switch_sae: n_experts = {n_experts} must be in [1, 2^31 - 1]")
         return experts.new_empty(experts.shape[0]), experts.new_empty(n_experts + 1)
 
     @torch.library.register_fake("switch_sae::encode_topk")
     def _encode_topk_fake(x, W_enc, b_enc, b_dec, order, offsets, n_active, k, tile_rows):
+        check_one_device(x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec, order=order, offsets=offsets)
+        check_routing_sizes(n_active, W_enc.shape[0], k, W_enc.shape[1])
         rows = x.shape[0] * n_active
         return x.new_empty(rows, k), order.new_empty(rows, k)
 
     @torch.library.register_fake("switch_sae::encode_backward")
     def _encode_backward_fake(grad_values, values, indices, x, W_enc, b_dec, n_active):
+        check_one_device(values=values, grad_values=grad_values, indices=indices, x=x, W_enc=W_enc, b_dec=b_dec)
+        check_routing_sizes(n_active, W_enc.shape[0])
         return torch.empty_like(x), torch.empty_like(W_enc), W_enc.new_empty(W_enc.shape[:2])
 
     @torch.library.register_fake("switch_sae::decode")
     def _decode_fake(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+        check_one_device(values=values, indices=indices, W_dec=W_dec)
         return values.new_empty(values.shape[0], W_dec.shape[1])
 
     @torch.library.register_fake("switch_sae::decode_backward")
     def _decode_backward_fake(grad_out, values, indices, W_dec):
+        check_one_device(values=values, grad_out=grad_out, indices=indices, W_dec=W_dec)
         return torch.empty_like(values), torch.empty_like(W_dec)
 
     def _encode_topk_setup(ctx, inputs, output):
