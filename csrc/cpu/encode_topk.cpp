@@ -28,6 +28,7 @@
 // What it leaves out: routing and gating (the model), the backward (encode_backward.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/NumericUtils.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/extension.h>
@@ -37,6 +38,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "topk_rule.h"
 
 namespace switch_sae {
 namespace {
@@ -84,26 +86,14 @@ void gather_centered(const scalar_t* x, const scalar_t* b_dec, const int64_t* to
   }
 }
 
-// Whether feature a of a pre-activation row comes before feature b in the TopK: the
-// larger value first, NaN above every number (as torch.topk), and between equal values
-// (-0.0 == +0.0) the lower index. A strict total order, so the k chosen features and
-// their order are fully determined: the rule of reference.encode_topk and of the CUDA
-// kernel, so that every device picks the same features even where bf16 rounding makes
-// many values tie exactly.
+// Whether feature a of a pre-activation row comes before feature b in the TopK (the rule
+// of topk_rule.h).
 template <typename scalar_t>
 struct TopkPrecedes {
   const scalar_t* row;  // [d_expert]
   bool operator()(int64_t a, int64_t b) const {
     using acc_t = at::opmath_type<scalar_t>;
-    const acc_t va = static_cast<acc_t>(row[a]), vb = static_cast<acc_t>(row[b]);
-    const bool nan_a = at::_isnan(va), nan_b = at::_isnan(vb);
-    if (nan_a != nan_b) {
-      return nan_a;
-    }
-    if (!nan_a && va != vb) {
-      return va > vb;
-    }
-    return a < b;
+    return topk_precedes(static_cast<acc_t>(row[a]), a, static_cast<acc_t>(row[b]), b);
   }
 };
 

@@ -10,9 +10,9 @@
 // passes), and a block of 256 threads takes as many rows as fit (blockDim.y), so that
 // no thread idles where d_in / VEC is not a multiple of 256: d_in = 768 is 96 threads
 // per row in bf16 (2 rows per block), 192 in fp32 (1 row). Grid-stride over rows, grid
-// capped at 2^16 blocks. The slot loop is unrolled by kSlotUnroll, whose row loads are
-// all issued before the sums (more loads in flight). The k (weight, index) pairs of a
-// row are the same for all its threads, so they are broadcast loads served from L1.
+// capped at 2^16 blocks. The k (weight, index) pairs of a row are the same for all its
+// threads, so they are broadcast loads served from L1. (The slot loop is not unrolled
+// by hand: issuing 4 rows' loads before their sums made ptxas spill registers.)
 // Memory traffic: reads k * d_in table elements per row (the gathered rows; L2 reuse
 // when features repeat across rows), 16k B of weights and indices, writes d_in
 // elements: ~rows * k * d_in * sizeof(scalar_t) in all, the minimum for a gather-sum.
@@ -26,19 +26,6 @@ template <typename scalar_t, int VEC>
 struct alignas(sizeof(scalar_t) * VEC) Pack {
   scalar_t v[VEC];
 };
-
-// Slots whose table rows are loaded together before being summed (in slot order).
-constexpr int kSlotUnroll = 4;
-
-template <typename scalar_t, int VEC>
-__device__ __forceinline__ Pack<scalar_t, VEC> zero_pack() {
-  Pack<scalar_t, VEC> p;
-#pragma unroll
-  for (int v = 0; v < VEC; ++v) {
-    p.v[v] = scalar_t(0);
-  }
-  return p;
-}
 
 // blockDim.x threads per group (row), blockDim.y groups per block.
 template <typename scalar_t, int VEC>
@@ -59,28 +46,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int v = 0; v < VEC; ++v) {
         sum[v] = acc(0);
       }
-      int64_t s = first;
-      for (; s + kSlotUnroll <= last; s += kSlotUnroll) {
-        acc w[kSlotUnroll];
-        pack row[kSlotUnroll];
-#pragma unroll
-        for (int u = 0; u < kSlotUnroll; ++u) {
-          const int64_t f = index[s + u];
-          const bool valid = f >= 0 && f < n_table;
-          out_of_range |= !valid;
-          w[u] = valid ? slot_weight(weights, mask, s + u) : acc(0);
-          row[u] = valid ? *reinterpret_cast<const pack*>(table + f * d_in + c)
-                         : zero_pack<scalar_t, VEC>();
-        }
-#pragma unroll
-        for (int u = 0; u < kSlotUnroll; ++u) {
-#pragma unroll
-          for (int v = 0; v < VEC; ++v) {
-            sum[v] += w[u] * static_cast<acc>(row[u].v[v]);
-          }
-        }
-      }
-      for (; s < last; ++s) {
+      for (int64_t s = first; s < last; ++s) {
         const int64_t f = index[s];
         if (f < 0 || f >= n_table) {
           out_of_range = true;

@@ -26,8 +26,8 @@
 // Either way at most tile_rows x d_expert pre-activations exist at once: no
 // [rows, d_sae] (nor [rows, d_expert]) tensor is materialised.
 //
-// TopK rule (shared with the CPU kernel and reference.topk): larger values first, NaN
-// above every number, equal values by lower index. at::topk's radix select keeps, of
+// TopK rule (csrc/topk_rule.h, shared with the CPU kernel and reference.topk): larger
+// values first, NaN above every number, equal values by lower index. at::topk's radix select keeps, of
 // the values equal to the k-th, those of lowest index, but tells -0.0 from +0.0 and
 // does not order ties; so the bias kernel turns -0.0 into +0.0 and the scatter kernel
 // places each chosen value at its rank under the rule (at::topk runs unsorted).
@@ -47,6 +47,7 @@
 // In all about rows * (2 d_in + ~4 d_expert) elements + (n_tiles + n_experts) * d_expert
 // * d_in weights, against rows * d_expert * d_in multiply-adds.
 #include "common.cuh"
+#include "topk_rule.h"
 
 #include <cstdlib>
 #include <string>
@@ -134,20 +135,6 @@ __global__ void __launch_bounds__(kThreads)
       p = static_cast<scalar_t>(v + acc(0));
     }
   }
-}
-
-// Whether (va, ia) comes before (vb, ib) under the TopK rule: larger value first, NaN
-// above every number, equal values by lower index.
-template <typename acc>
-__device__ __forceinline__ bool topk_precedes(acc va, int64_t ia, acc vb, int64_t ib) {
-  const bool nan_a = va != va, nan_b = vb != vb;
-  if (nan_a != nan_b) {
-    return nan_a;
-  }
-  if (!nan_a && va != vb) {
-    return va > vb;
-  }
-  return ia < ib;
 }
 
 // For the unsorted TopK (top_values, top_local [n, k]) of sorted positions
