@@ -35,6 +35,22 @@ def dispatch(experts: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
     return order, offsets
 
 
+def topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k first entries of the last dim of ``pre`` by the TopK rule of every kernel.
+
+    The rule: larger values first, NaN above every number (as ``torch.topk``), and equal
+    values (``-0.0 == +0.0``) by lower index. It fixes both which features are chosen
+    and their order, so the CPU and CUDA kernels choose the same features even where
+    bfloat16 rounding makes many pre-activations tie exactly. ``torch.topk`` leaves ties
+    unspecified (its CPU and CUDA kernels differ); a stable descending sort does not.
+
+    Returns:
+        values, indices: ``[..., k]`` each.
+    """
+    ordered = torch.sort(pre, dim=-1, descending=True, stable=True)
+    return ordered.values[..., :k], ordered.indices[..., :k]
+
+
 def encode_topk(
     x: Tensor,
     W_enc: Tensor,
@@ -53,7 +69,8 @@ def encode_topk(
         b_enc: ``[n_experts, d_expert]`` or None; b_dec: ``[d_in]`` (the pre-bias);
         order, offsets: from ``dispatch``; tile_rows: ignored here (a kernel tiling knob).
     Returns:
-        values: ``[rows, k]`` post-ReLU activations, sorted descending per row, not gated.
+        values: ``[rows, k]`` post-ReLU activations, in the order of ``topk`` (descending,
+            ties by lower feature id), not gated.
         indices: ``[rows, k]`` int64 global feature ids ``expert * d_expert + local``.
     """
     n_experts, d_expert, _ = W_enc.shape
@@ -66,9 +83,9 @@ def encode_topk(
         pre = x_centered[pairs // n_active] @ W_enc[e].T  # [rows_e, d_expert]
         if b_enc is not None:
             pre = pre + b_enc[e]
-        top = torch.topk(pre, k, dim=-1)
-        values[pairs] = torch.relu(top.values)
-        indices[pairs] = top.indices + e * d_expert
+        top_values, top_local = topk(pre, k)
+        values[pairs] = torch.relu(top_values)
+        indices[pairs] = top_local + e * d_expert
     return values, indices
 
 
@@ -201,10 +218,10 @@ def switch_forward(
     # Per selected expert: TopK, ReLU, gate. Unselected experts contribute nothing.
     gate_full = torch.zeros_like(probs).scatter(1, experts, gates)  # [batch, n_experts]
     selected = torch.zeros_like(probs, dtype=torch.bool).scatter(1, experts, True)
-    top = torch.topk(pre, k, dim=-1)  # per expert, [batch, n_experts, k]
-    gated = torch.relu(top.values) * gate_full.to(pre.dtype).unsqueeze(-1)
+    top_values, top_local = topk(pre, k)  # per expert, [batch, n_experts, k]
+    gated = torch.relu(top_values) * gate_full.to(pre.dtype).unsqueeze(-1)
     gated = torch.where(selected.unsqueeze(-1), gated, torch.full_like(gated, -1.0))
-    global_ids = top.indices + torch.arange(n_experts, device=x.device).unsqueeze(-1) * d_expert
+    global_ids = top_local + torch.arange(n_experts, device=x.device).unsqueeze(-1) * d_expert
     values, pos = torch.topk(gated.flatten(1), k, dim=-1)  # [batch, k]
     indices = global_ids.flatten(1).gather(1, pos)
     x_hat = decode(values, indices, W_dec.reshape(n_experts * d_expert, d_in)) + b_dec
