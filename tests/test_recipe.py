@@ -19,12 +19,7 @@ from switch_sae.models.baseline import DictionaryConfig, DictionarySAE
 CLUSTERED = SyntheticActivations(SyntheticConfig(d_in=32, n_features=128, n_clusters=8, features_per_token=3))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def stream(n: int, size: int = 256, seed: int = 1, scale: float = 1.0) -> list[Tensor]:

@@ -36,13 +36,7 @@ D_IN = 16
 DATA = SyntheticActivations(SyntheticConfig(d_in=D_IN, n_features=64, n_clusters=4, features_per_token=3))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: thread hand-offs cost more than they save, badly so on a busy machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make(arch: str, **kw) -> SAE:
