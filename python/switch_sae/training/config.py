@@ -23,7 +23,7 @@ class TrainConfig:
     total_steps: int
     """Optimiser steps in the whole run; the lr schedule is laid out over it."""
     lr: float | None = None
-    """Peak learning rate; None means 2e-4 / sqrt(width / 2^14), the paper's scaling law, with width the model's SAE.encoder_width (d_sae for a dense dictionary; n_active * d_expert / n_experts for a Switch SAE, whose experts each learn from a share of the tokens)."""
+    """Peak learning rate; None means 2e-4 / sqrt(width / 2^14), the paper's scaling law, with width the model's SAE.encoder_width (d_sae for a dense dictionary; n_active * d_expert for a Switch SAE, each of whose experts is a TopK SAE of width d_expert)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """Adam's (beta1, beta2)."""
     adam_eps: float = 1e-8
