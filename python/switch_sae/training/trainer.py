@@ -27,7 +27,8 @@ Resuming: the trainer restores model, Adam, lr position, counters, dead-latent c
 and torch's RNG, and ``fit`` skips the batches already consumed, so on CPU the losses after
 a resume equal those of an uninterrupted run exactly (given the same batch iterable).
 
-What it leaves out: the losses (each model's ``training_terms``), the checkpoint format (``checkpoint.py``) and data loading (any iterable will do).
+What it leaves out: the losses (each model's ``training_terms``), the checkpoint format
+(``checkpoint.py``) and data loading (any iterable will do).
 """
 
 from __future__ import annotations
