@@ -9,7 +9,7 @@
 //     stable sort), then one block per feature sums values[s] * grad_out[s / k] over its
 //     slots in ascending slot order, the CPU's order, in fp32 (fp64 for fp64).
 // An atomics variant (scatter-add without grouping) would be nondeterministic; it is
-// not written, because the issue asks for one only where it is measurably faster and
+// not written: it is worth having only where it is measurably faster, and
 // that cannot be measured without a GPU.
 //
 // Launch:
