@@ -5,17 +5,19 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
-EXTRAS ?= lm,analysis,notebooks,interop,test
+EXTRAS ?= lm,analysis,notebooks,interop,dashboard,test
 BUILD_DEPS := scikit-build-core ninja cmake numpy wheel
 SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc cmake python build_backend -type f -not -name '*.pyc' 2>/dev/null)
 
-.PHONY: install system-deps demo test bench clean
+.PHONY: install system-deps demo test test-asan bench clean
 
-# The embedded default text: Debian's Python documentation sources (real English prose).
+# The embedded default text: Debian's Python documentation sources (real English prose);
+# the browser that the dashboard test drives: Debian's chromium and its WebDriver.
 system-deps:
-	@if ! ls -d /usr/share/doc/python3*/html/_sources >/dev/null 2>&1; then \
+	@if ! ls -d /usr/share/doc/python3*/html/_sources >/dev/null 2>&1 || ! command -v chromium >/dev/null \
+	    || ! command -v chromedriver >/dev/null; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends python3-doc; \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends python3-doc chromium chromium-driver; \
 	fi
 
 $(VENV)/bin/activate:
@@ -52,6 +54,25 @@ $(CUDA_VENV)/bin/python:
 test: install $(if $(NVCC),$(CUDA_VENV)/bin/python)
 	$(if $(NVCC),SWITCH_SAE_CUDA_PYTHON=$(CURDIR)/$(CUDA_VENV)/bin/python SWITCH_SAE_CUDA_BUILD_DIR=$(CURDIR)/build/cuda) \
 	$(PY) -m pytest tests
+
+# The op tests and the fuzz tests against the C++ core built with AddressSanitizer and
+# UndefinedBehaviorSanitizer, in its own folder (the venv's build is untouched): the
+# package sources plus the sanitized _C go to $(ASAN_DIR)/site, first on PYTHONPATH.
+# Python is not instrumented, so the ASan runtime is preloaded, with libstdc++ (else its
+# exception interceptor finds no __cxa_throw to forward to); leak checks are off because
+# the interpreter does not free everything at exit.
+ASAN_DIR := build/asan
+ASAN_ENV := LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libstdc++.so)" ASAN_OPTIONS=detect_leaks=0 \
+	UBSAN_OPTIONS=print_stacktrace=1 PYTHONPATH=$(CURDIR)/$(ASAN_DIR)/site
+
+test-asan: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH cmake -S . -B $(ASAN_DIR) -G Ninja \
+	  -DSWITCH_SAE_SANITIZE=ON -DSWITCH_SAE_CUDA=OFF -DPython_EXECUTABLE=$(CURDIR)/$(PY)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH cmake --build $(ASAN_DIR)
+	rm -rf $(ASAN_DIR)/site && mkdir -p $(ASAN_DIR)/site && cp -r python/switch_sae $(ASAN_DIR)/site/
+	$(VENV)/bin/cmake --install $(ASAN_DIR) --prefix $(ASAN_DIR)/site
+	$(ASAN_ENV) $(PY) -c "import switch_sae._C as c; assert '$(ASAN_DIR)/site' in c.__file__, c.__file__"
+	$(ASAN_ENV) $(PY) -m pytest tests/test_ops.py tests/test_fuzz_ops.py -p no:cacheprovider
 
 bench: install
 	$(VENV)/bin/switch-sae bench

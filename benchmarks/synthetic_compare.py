@@ -1,16 +1,19 @@
-"""Switch SAEs (width-matched and FLOP-matched) vs a TopK SAE at the same k, on synthetic data.
+"""Switch SAEs (width-matched and FLOP-matched) against a TopK SAE on clustered synthetic data,
+each trained with the library's default recipe (``TrainConfig(total_steps=...)`` and
+nothing else), so the figures say what a new user gets.
 
-Every model is trained with the same recipe (``switch_sae.Trainer`` defaults plus the
-options below) on the same batch stream, then scored on the same held-out tokens:
-MSE (summed over d_in), FVU, L0 from the code, dead latents (never fired on the held-out
-set, and the trainer's own dead count), recovery of the ground-truth features (mean max
-cosine; share found at cosine > 0.9) and training steps/s.
+The data: 8 clusters of 32 ground-truth features in 64 dimensions, 3 active per token,
+all of a token's features from one cluster (the regime where routing can help). Every model
+sees the same batch stream and is scored on the same held-out tokens in raw units (the
+trained model as ``fit`` leaves it): FVU, L0, latents that fired on the held-out tokens,
+recovery of the ground-truth features, and for Switch SAEs the router's health (balance
+statistic ``n_experts * sum f_i P_i``, mean p_max). ``--scales 0.01,1,100`` repeats the
+run on the data multiplied by each factor: a units-free recipe gives the same numbers.
 
-    python benchmarks/synthetic_compare.py --steps 2000
-    -> benchmarks/results/synthetic_compare.json
+    python benchmarks/synthetic_compare.py            # about 4 minutes on 2 cores
+    -> benchmarks/results/synthetic_compare.json and a markdown table on stdout
 
-What it leaves out: language-model activations (the synthetic data has clusters so that
-routing matters, which is the regime the comparison is about) and plots.
+What it leaves out: language-model activations (``switch-sae demo`` and ``reproduce``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,112 +29,90 @@ import torch
 import switch_sae
 from switch_sae import SwitchSAE, SwitchSAEConfig, TopKSAE, TopKSAEConfig, TrainConfig, Trainer
 from switch_sae.data import SyntheticActivations, SyntheticConfig, mean_max_cosine
-from switch_sae.training import losses
-from switch_sae.training.dead import fired_latents
+from switch_sae.models import losses
+
+DATA = SyntheticConfig(d_in=64, n_features=256, n_clusters=8, features_per_token=3)
 
 
-def build(name: str, d_in: int, k: int, width: int, n_experts: int, flop_experts: int):
+def build(name: str, k: int, width: int, n_experts: int) -> switch_sae.SAE:
+    d_in = DATA.d_in
     if name == "topk":
         return TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=width, k=k))
-    if name == "switch_width_matched":  # same total features, n_experts times fewer encoder FLOPs
+    if name == "switch-width":  # same total features, n_experts times fewer encoder FLOPs
         return SwitchSAE(SwitchSAEConfig(d_in=d_in, n_experts=n_experts, d_expert=width // n_experts, k=k))
-    if name == "switch_flop_matched":  # each expert as wide as the TopK SAE: same encoder FLOPs
-        return SwitchSAE(SwitchSAEConfig(d_in=d_in, n_experts=flop_experts, d_expert=width, k=k))
+    if name == "switch-flop":  # each expert as wide as the TopK SAE: same encoder FLOPs
+        return SwitchSAE(SwitchSAEConfig(d_in=d_in, n_experts=n_experts, d_expert=width, k=k))
     raise ValueError(f"unknown model {name!r}")
 
 
 @torch.no_grad()
-def evaluate(model, x: torch.Tensor, data: SyntheticActivations, chunk: int = 2048) -> dict:
+def score(model: switch_sae.SAE, x: torch.Tensor, data: SyntheticActivations, scale: float) -> dict:
     model.eval()
-    outs = [model(part) for part in x.split(chunk)]
-    x_hat = torch.cat([o.x_hat for o in outs])
-    fired = torch.stack([fired_latents(o, model.d_sae) for o in outs]).any(0)
-    l0 = torch.cat([(o.code.values != 0).sum(-1) for o in outs]).float().mean()
+    out = model(x)
+    fired = torch.bincount(out.code.indices[out.code.values != 0], minlength=model.d_sae) > 0
     cos = (data.features @ model.W_dec_flat.T).max(dim=1).values
-    return {
-        "mse": losses.mse(x, x_hat).item(),
-        "fvu": losses.fvu(x, x_hat).item(),
-        "l0": l0.item(),
-        "dead_on_eval_set": int((~fired).sum()),
+    result = {
+        "fvu": losses.fvu(x, out.x_hat).item(),
+        "mse_unit_scale": losses.mse(x, out.x_hat).item() / scale**2,
+        "l0": (out.code.values != 0).sum(-1).float().mean().item(),
+        "fired_fraction": fired.float().mean().item(),
         "d_sae": model.d_sae,
         "mean_max_cosine": mean_max_cosine(model.W_dec_flat, data.features),
         "found_at_0.9": (cos > 0.9).float().mean().item(),
     }
-
-
-def run(name: str, args, data: SyntheticActivations, eval_x: torch.Tensor) -> dict:
-    torch.manual_seed(args.seed)
-    model = build(name, data.cfg.d_in, args.k, args.width, args.n_experts, args.flop_experts)
-    cfg = TrainConfig(
-        total_steps=args.steps,
-        lr=args.lr,
-        normalize_inputs=True,
-        dead_after_tokens=args.dead_after_tokens,
-        auxk=not args.no_auxk,
-        auxk_coefficient=args.auxk_coefficient,
-        lb_alpha=args.lb_alpha,
-        progress=False,
-        seed=args.seed,
-    )
-    trainer = Trainer(model, cfg)
-    stream = data.batches(args.batch_size, args.steps, seed=args.seed + 1)
-    batches = list(stream)  # sampled up front so the timing is training only
-    start = time.perf_counter()
-    for batch in batches:
-        last = trainer.step(batch)
-    seconds = time.perf_counter() - start
-    # evaluate in raw units, as a user would after save_model (scale folded into the weights)
-    with tempfile.TemporaryDirectory() as tmp:
-        folded = switch_sae.SAE.load(trainer.save_model(Path(tmp) / name))
-    result = evaluate(folded, eval_x, data)
-    result.update(
-        steps=args.steps,
-        train_seconds=seconds,
-        steps_per_s=args.steps / seconds,
-        tokens_per_s=args.steps * args.batch_size / seconds,
-        trainer_dead=last.n_dead,
-        final_lb=last.lb,
-        n_parameters=sum(p.numel() for p in model.parameters()),
-    )
+    if out.router_probs is not None:
+        result["balance"] = losses.load_balancing(out.router_probs, out.experts).item()
+        result["p_max"] = losses.router_p_max(out.router_probs).item()
     return result
+
+
+def run(name: str, scale: float, args, data: SyntheticActivations, eval_x: torch.Tensor) -> dict:
+    torch.manual_seed(args.seed)
+    model = build(name, args.k, args.width, args.n_experts)
+    trainer = Trainer(model, TrainConfig(total_steps=args.steps, progress=False, seed=args.seed))
+    batches = [b * scale for b in data.batches(args.batch_size, args.steps, seed=args.seed + 1)]
+    start = time.perf_counter()
+    last = trainer.fit(batches)  # on return the model takes raw activations
+    seconds = time.perf_counter() - start
+    result = score(model, eval_x * scale, data, scale)
+    result.update(scale=scale, steps=args.steps, tokens=args.steps * args.batch_size,
+                  train_seconds=round(seconds, 1), trainer_dead=last.n_dead, final_loss=last.loss)
+    return result
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| SAE | scale | d_sae | FVU | L0 | fired | found@0.9 | balance | p_max | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        router = f"{r['balance']:.3f} | {r['p_max']:.2f}" if "balance" in r else "- | -"
+        lines.append(f"| {r['name']} | {r['scale']:g} | {r['d_sae']} | {r['fvu']:.4f} | {r['l0']:.1f} | "
+                     f"{r['fired_fraction']:.2f} | {r['found_at_0.9']:.2f} | {router} | {r['train_seconds']} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=1024)
-    parser.add_argument("--k", type=int, default=8, help="active features per token (true L0 is 8)")
-    parser.add_argument("--width", type=int, default=2048, help="TopK d_sae; FLOP-matched expert width")
-    parser.add_argument("--n-experts", type=int, default=16, help="experts of the width-matched Switch SAE")
-    parser.add_argument("--flop-experts", type=int, default=8, help="experts of the FLOP-matched Switch SAE (paper: 8)")
-    parser.add_argument("--lr", type=float, default=None, help="default: 2e-4 / sqrt(d_sae / 2^14)")
-    parser.add_argument("--dead-after-tokens", type=int, default=200_000)
-    parser.add_argument("--no-auxk", action="store_true", help="train without AuxK, as the paper did")
-    parser.add_argument("--auxk-coefficient", type=float, default=1 / 32)
-    parser.add_argument("--lb-alpha", type=float, default=3.0)
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--width", type=int, default=512, help="TopK d_sae; the FLOP-matched expert width")
+    parser.add_argument("--n-experts", type=int, default=8)
+    parser.add_argument("--scales", default="1", help="comma-separated factors the data is multiplied by")
+    parser.add_argument("--models", default="topk,switch-width,switch-flop")
     parser.add_argument("--eval-tokens", type=int, default=16384)
-    parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--models", default="topk,switch_width_matched,switch_flop_matched")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "synthetic_compare.json"))
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    data = SyntheticActivations(SyntheticConfig())
+    data = SyntheticActivations(DATA)
     eval_x = data.sample(args.eval_tokens, torch.Generator().manual_seed(10_000 + args.seed)).x
-    results = {}
-    for name in args.models.split(","):
-        results[name] = run(name, args, data, eval_x)
-        print(name, json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in results[name].items()}), flush=True)
-    report = {
-        "args": vars(args),
-        "data": vars(data.cfg),
-        "torch": torch.__version__,
-        "switch_sae_extension": switch_sae.ops.HAS_EXTENSION,
-        "threads": torch.get_num_threads(),
-        "machine": platform.platform(),
-        "results": results,
-    }
+    results = []
+    for scale in map(float, args.scales.split(",")):
+        for name in args.models.split(","):
+            results.append({"name": name, **run(name, scale, args, data, eval_x)})
+            print(table(results[-1:]).splitlines()[-1], flush=True)
+    print(table(results))
+    report = {"args": vars(args), "data": vars(DATA), "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "machine": platform.platform(), "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -1,7 +1,10 @@
 // Input checks shared by every backend, so CPU and CUDA reject the same inputs with
 // the same messages. Every message names the argument it is about.
 #pragma once
+#include <c10/util/safe_numerics.h>
 #include <torch/extension.h>
+
+#include <algorithm>
 
 namespace switch_sae {
 
@@ -43,6 +46,21 @@ inline void check_dim_size(const at::Tensor& t, int64_t dim, int64_t size, const
               " = ", size, ", got shape ", t.sizes());
 }
 
+// a * b for a size or an element count; a product that does not fit in int64 is an
+// error naming `what` (it would wrap around and index outside the buffers).
+inline int64_t checked_mul(int64_t a, int64_t b, const char* what) {
+  int64_t product = 0;
+  TORCH_CHECK(!c10::mul_overflows(a, b, &product), "switch_sae: ", what, " = ", a, " * ", b,
+              " does not fit in int64");
+  return product;
+}
+
+// The tile height encode_topk's kernels use: a tile_rows above rows computes the same
+// tiles, and clamping it keeps `start + tile_rows` from overflowing.
+inline int64_t effective_tile_rows(int64_t tile_rows, int64_t rows) {
+  return std::max<int64_t>(1, std::min(tile_rows, rows));
+}
+
 // ---- per-op argument checks (shape relations between arguments) ----
 
 void check_dispatch_args(const at::Tensor& experts, int64_t n_experts);
@@ -51,6 +69,12 @@ void check_encode_topk_args(const at::Tensor& x, const at::Tensor& W_enc,
                             const std::optional<at::Tensor>& b_enc, const at::Tensor& b_dec,
                             const at::Tensor& order, const at::Tensor& offsets, int64_t n_active,
                             int64_t k, int64_t tile_rows);
+
+// order [rows] (in range, as checked by each kernel) must be a permutation of [0, rows),
+// or some output rows would be written twice and others never. Runs on order's device
+// with ATen ops and an asynchronous assert: an error at once on CPU, a device-side assert
+// at the next synchronisation on CUDA (no host sync). O(rows).
+void check_order_is_permutation(const at::Tensor& order);
 
 void check_encode_backward_args(const at::Tensor& grad_values, const at::Tensor& values,
                                 const at::Tensor& indices, const at::Tensor& x,

@@ -15,7 +15,9 @@ TORCH_LIBRARY(switch_sae, m) {
   m.def("dispatch(Tensor experts, int n_experts) -> (Tensor order, Tensor offsets)");
 
   // x [batch, d_in], W_enc [n_experts, d_expert, d_in], b_enc [n_experts, d_expert]
-  // or None, b_dec [d_in], order/offsets from dispatch. For every pair p routed to
+  // or None, b_dec [d_in], order/offsets from dispatch (order must be a permutation of
+  // [0, rows), n_active <= n_experts; both are checked, order on CUDA by a device-side
+  // assert that surfaces at the next synchronisation). For every pair p routed to
   // expert e: pre = W_enc[e] @ (x[p / n_active] - b_dec) (+ b_enc[e]); values[p],
   // local = TopK(pre, k) sorted descending, then ReLU; indices[p] = e * d_expert +
   // local. Computed tile_rows pairs at a time: no [rows, d_sae] tensor exists.

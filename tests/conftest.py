@@ -3,7 +3,17 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from lm_models import MODEL_KINDS, tiny_model
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: thread hand-offs cost more than they save, badly so on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session", params=MODEL_KINDS)

@@ -282,7 +282,7 @@ def test_cache_refuses_a_mismatch_and_detects_corruption(model, tokens, tmp_path
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    with pytest.raises(RuntimeError, match="corrupt"):
+    with pytest.raises(ValueError, match=f"{shard}.* is corrupt"):
         ActivationCache(tmp_path, verify=True)
     with pytest.raises(FileNotFoundError, match="manifest"):
         ActivationCache(tmp_path / "nothing")

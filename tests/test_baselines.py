@@ -150,9 +150,11 @@ def test_relu_and_gated_match_their_formulas():
     pi_mag = (x - gated.b_dec) @ (gated.W_enc * gated.r_mag.exp().unsqueeze(-1)).T + gated.b_mag
     out = gated(x)
     torch.testing.assert_close(out.acts, (pi_gate > 0) * torch.relu(pi_mag))
-    torch.testing.assert_close(out.aux["l1_acts"], torch.relu(pi_gate))
+    torch.testing.assert_close(out.aux["gate_acts"], torch.relu(pi_gate))
+    terms = gated.training_terms(x, out)
+    assert sorted(terms) == ["gate_aux", "l1", "mse"]
     # the gate-path reconstruction must not train the decoder
-    out.aux["gate_recon"].sum().backward()
+    terms["gate_aux"].backward()
     assert gated.W_dec.grad is None and gated.b_dec.grad is not None  # b_dec only via the encoder
     assert gated.W_enc.grad is not None and gated.b_gate.grad is not None
 

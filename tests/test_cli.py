@@ -12,7 +12,9 @@ import pytest
 
 from switch_sae import cli
 from switch_sae.bench import BenchConfig
+from switch_sae.dashboard import DashboardConfig
 from switch_sae.demo import DemoConfig
+from switch_sae.experiments import ReproduceConfig
 from switch_sae.models import SwitchSAEConfig, TopKSAEConfig
 from switch_sae.pipeline import DataConfig
 from switch_sae.training import TrainConfig
@@ -36,10 +38,12 @@ def flags(cls, exclude=()) -> list[str]:
     "argv, configs",
     [
         (["demo"], [(DemoConfig, ())]),
+        (["reproduce"], [(ReproduceConfig, ())]),
         (["train", "switch"], [(DataConfig, ()), (SwitchSAEConfig, cli.SAE_FILLED), (TrainConfig, cli.TRAIN_FILLED)]),
         (["train", "topk"], [(TopKSAEConfig, cli.SAE_FILLED)]),
         (["eval"], [(DataConfig, cli.EVAL_UNUSED)]),
         (["bench"], [(BenchConfig, ())]),
+        (["dashboard"], [(DataConfig, cli.EVAL_UNUSED + ("eval_contexts",)), (DashboardConfig, ())]),
     ],
 )
 def test_help_documents_every_config_field(argv, configs, capsys):

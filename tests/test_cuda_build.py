@@ -40,10 +40,14 @@ KERNELS = (
     "row_dot_kernel",
     "feature_sum_kernel",
     "gather_centered_kernel",
-    "add_expert_bias_kernel",
+    "finish_preactivations_kernel",
+    "tile_ends_kernel",
     "scatter_topk_kernel",
     "check_routing_kernel",
 )
+# Dispatch keys every op has a kernel for: the backends, and the autocast kernels
+# (csrc/autocast.cpp) that run the ops in their inputs' dtype.
+KEYS = ("CPU", "CUDA", "AutocastCPU", "AutocastCUDA")
 DEFAULT_ARCHS = ("sm_80", "sm_90")  # cmake/cuda.cmake's TORCH_CUDA_ARCH_LIST default
 
 
@@ -140,7 +144,7 @@ print(json.dumps({{
     "op_with_cuda": torch.ops.switch_sae.with_cuda(),
     "built_against": module.torch_version_built(),
     "torch": torch.__version__,
-    "kernels": {{op: {{key: has("switch_sae::" + op, key) for key in ("CPU", "CUDA")}} for op in {OPS!r}}},
+    "kernels": {{op: {{key: has("switch_sae::" + op, key) for key in {KEYS!r}}} for op in {OPS!r}}},
 }}))
 """
     done = run([cuda_python, "-c", script], cwd=build["dir"])
@@ -150,7 +154,7 @@ print(json.dumps({{
     assert facts["op_with_cuda"] is True
     assert facts["built_against"] == facts["torch"]
     for op, keys in facts["kernels"].items():
-        assert keys == {"CPU": True, "CUDA": True}, f"{op}: {keys}"
+        assert keys == dict.fromkeys(KEYS, True), f"{op}: {keys}"
 
 
 def find_cuobjdump(cuda_python: str) -> str | None:

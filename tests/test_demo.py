@@ -34,7 +34,6 @@ def test_unset_sizes_come_from_the_preset():
         (dict(k=0), "k must be a positive integer"),
         (dict(context_size=1), "context_size must be at least 2"),
         (dict(resume=True), "resume needs out"),
-        (dict(lb_alpha=-1.0), "lb_alpha must be >= 0"),
     ],
 )
 def test_bad_fields_are_rejected(kwargs, message):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 
@@ -14,7 +15,10 @@ pytest.importorskip("transformer_lens")
 
 from switch_sae import SwitchSAE, SwitchSAEConfig  # noqa: E402
 from switch_sae.activations import harvest  # noqa: E402
-from switch_sae.evals import EvalResult, ReconstructionMetrics, evaluate, mean_activation  # noqa: E402
+from switch_sae.evals import EvalResult, ReconstructionMetrics, evaluate, evaluate_many, mean_activation  # noqa: E402
+from switch_sae.evals.dead import dead_min_tokens, training_dead_latents, unseen_floor  # noqa: E402
+from switch_sae.models import TopKSAE, TopKSAEConfig  # noqa: E402
+from switch_sae.training import TrainConfig, Trainer  # noqa: E402
 from switch_sae.evals.patching import keep_mask, splice_hook, token_kl  # noqa: E402
 from switch_sae.models.base import ForwardOutput, SparseCode  # noqa: E402
 
@@ -155,7 +159,8 @@ def test_reconstruction_metrics_by_hand():
     assert r.explained_variance_saelens == pytest.approx(float(1 - err.mean() / saelens_total), rel=1e-6)
     assert r.explained_variance_saelens != pytest.approx(r.fve, rel=1e-3)
     assert r.l0 == 1.0  # zeros in the code are not active latents
-    assert r.n_dead == 3 and r.dead_fraction == pytest.approx(3 / 5)  # 1 (only zeros), 3, 4; 2 fired late
+    assert r.n_unseen == 3 and r.unseen_fraction == pytest.approx(3 / 5)  # 1 (only zeros), 3, 4; 2 fired late
+    assert r.unseen_floor == pytest.approx((1 - 1 / 5) ** 30)  # L0 = 1 of 5 latents, 30 tokens
     assert r.dense_fraction == pytest.approx(2 / 5)  # latents 0 and 2 fire on half the tokens
     assert r.cosine == pytest.approx(float(torch.cosine_similarity(x, x_hat).mean()), rel=1e-6)
 
@@ -169,7 +174,7 @@ def test_kl_is_zero_for_equal_logits_and_positive_otherwise():
 def test_result_prints_and_saves_json(model, tokens, tmp_path):
     result = evaluate(StandInSAE(D_MODEL, 0.5), model, tokens, progress=False)
     text = str(result)
-    for name in ("mse", "fve", "l0", "dead_fraction", "ce_clean", "ce_sae", "ce_zero", "ce_mean",
+    for name in ("mse", "fve", "l0", "unseen_fraction", "unseen_floor", "dead_fraction", "ce_clean", "ce_sae", "ce_zero", "ce_mean",
                  "loss_recovered_zero", "loss_recovered_mean", "kl", "explained_variance_saelens"):
         assert name in text
     saved = json.loads(result.save(tmp_path / "eval.json").read_text())
@@ -185,3 +190,77 @@ def test_evaluate_rejects_bad_arguments(model, tokens):
         evaluate(sae, model, tokens, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="tokens"):
         evaluate(sae, model, tokens[:, :1], progress=False)
+
+
+def test_evaluate_many_equals_evaluate_one_by_one(model, tokens):
+    torch.manual_seed(0)
+    saes = {
+        "switch": SwitchSAE(SwitchSAEConfig(d_in=D_MODEL, n_experts=2, d_expert=8, k=3, hook_name=HOOK)),
+        "topk": TopKSAE(TopKSAEConfig(d_in=D_MODEL, d_sae=12, k=2, hook_name=HOOK)),
+        "half": StandInSAE(D_MODEL, 0.5),
+    }
+    together = evaluate_many(saes, model, tokens, batch_size=2, progress=False)
+    assert list(together) == list(saes)
+    for name, sae in saes.items():
+        alone = evaluate(sae, model, tokens, batch_size=2, progress=False).to_dict()
+        shared = together[name].to_dict()
+        assert shared.keys() == alone.keys()
+        for key, value in alone.items():
+            if isinstance(value, float):
+                assert shared[key] == pytest.approx(value, rel=1e-6, abs=1e-9, nan_ok=True), (name, key)
+            elif isinstance(value, list):
+                assert shared[key] == pytest.approx(value, rel=1e-6), (name, key)
+            else:
+                assert shared[key] == value, (name, key)
+    assert together["switch"].ce_sae != pytest.approx(together["topk"].ce_sae)  # each SAE had its own splice
+
+
+def test_evaluate_many_counts_model_passes(model, tokens, monkeypatch):
+    evaluate_module = importlib.import_module("switch_sae.evals.evaluate")  # the package exports evaluate()
+    calls = []
+    real = evaluate_module.run_patched
+    monkeypatch.setattr(evaluate_module, "run_patched", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    saes = {f"s{i}": StandInSAE(D_MODEL, 0.1 * i) for i in range(3)}
+    evaluate_many(saes, model, tokens, HOOK, batch_size=len(tokens), progress=False)
+    assert len(calls) == 2 + 3  # zero and mean ablation once, then one splice per SAE
+
+
+def test_evaluate_many_rejects_bad_arguments(model, tokens):
+    with pytest.raises(ValueError, match="saes is empty"):
+        evaluate_many({}, model, tokens, HOOK, progress=False)
+    other = StandInSAE(D_MODEL, 1.0)
+    other.cfg = StandInConfig(D_MODEL, hook_name="blocks.0.hook_resid_post")
+    with pytest.raises(ValueError, match="same cfg.hook_name"):
+        evaluate_many({"a": StandInSAE(D_MODEL, 1.0), "b": other}, model, tokens, progress=False)
+    with pytest.raises(ValueError, match="not in saes"):
+        evaluate_many({"a": other}, model, tokens, HOOK, run_dirs={"b": "x"}, progress=False)
+
+
+def test_unseen_is_called_dead_only_from_enough_tokens(model, tokens):
+    assert unseen_floor(32, 32768, 1024) == pytest.approx((1 - 32 / 32768) ** 1024)
+    assert 0.36 < unseen_floor(32, 32768, 1024) < 0.38  # a healthy SAE "misses" 37% on 1024 tokens
+    assert dead_min_tokens(32, 32768) == 10 * 1024 and dead_min_tokens(0.0, 8) is None
+    # The stand-in fires relu(x): about half its D_MODEL latents per token, so 60 tokens are plenty.
+    enough = evaluate(StandInSAE(D_MODEL, 1.0), model, tokens, HOOK, progress=False)
+    assert enough.n_tokens >= enough.dead_window_tokens == dead_min_tokens(enough.l0, D_MODEL)
+    assert enough.dead_source == "eval" and enough.n_dead == enough.n_unseen
+    torch.manual_seed(0)
+    wide = TopKSAE(TopKSAEConfig(d_in=D_MODEL, d_sae=256, k=2, hook_name=HOOK))  # needs 1280 tokens
+    few = evaluate(wide, model, tokens, progress=False)
+    assert few.dead_fraction is None and few.n_dead is None and few.dead_source is None
+    assert few.unseen_fraction > 0 and few.unseen_floor == pytest.approx(unseen_floor(few.l0, 256, few.n_tokens))
+    assert "too few tokens" in few.table()
+
+
+def test_the_training_tracker_supplies_the_dead_count(model, tokens, tmp_path):
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKSAEConfig(d_in=D_MODEL, d_sae=64, k=2, hook_name=HOOK))  # window 320 tokens
+    assert training_dead_latents(tmp_path, 2.0) is None  # no checkpoint
+    trainer = Trainer(sae, TrainConfig(total_steps=6, run_dir=str(tmp_path), progress=False))
+    trainer.fit(torch.randn(6, 64, D_MODEL))  # 384 training tokens
+    since_fired = trainer.dead.tokens_since_fired.clone()
+    result = evaluate(sae, model, tokens, run_dir=tmp_path, progress=False)
+    assert result.n_tokens < dead_min_tokens(result.l0, 64)  # the eval alone cannot tell
+    assert result.dead_source == "training" and result.dead_window_tokens == dead_min_tokens(result.l0, 64)
+    assert result.n_dead == int((since_fired >= result.dead_window_tokens).sum())
+    assert training_dead_latents(tmp_path, 0.5) is None  # a 1280-token window is longer than the run

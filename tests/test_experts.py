@@ -7,6 +7,7 @@ import torch
 
 from switch_sae import ForwardOutput, SwitchSAE, SwitchSAEConfig
 from switch_sae.evals.experts import ExpertStatsAccumulator, expert_stats
+from switch_sae.models.losses import load_balancing
 
 
 def output(probs, experts):
@@ -26,8 +27,8 @@ def test_known_routing_two_active_experts():
     entropies = [math.log(2), -(0.6 * math.log(0.6) + 0.4 * math.log(0.4)), -(0.7 * math.log(0.7) + 0.3 * math.log(0.3))]
     assert stats.router_entropy == pytest.approx(sum(entropies) / 3)
     assert stats.router_entropy_normalised == pytest.approx(sum(entropies) / 3 / math.log(3))
-    # top-1 loads f = (2/3, 1/3, 0): balance = 3 * sum f_i P_i
-    assert stats.balance_loss == pytest.approx(3 * (2 / 3 * 1.1 / 3 + 1 / 3 * 1.2 / 3))
+    # f counts every selected expert, as training does: (2, 2, 2) of 6 pairs; balance = 3 * sum f_i P_i
+    assert stats.balance_loss == pytest.approx(3 * sum(1 / 3 * p / 3 for p in (1.1, 1.2, 0.7)))
     assert stats.coactivation == [[2, 1, 1], [1, 2, 1], [1, 1, 2]]
     assert stats.coactivation_conditional[0] == pytest.approx([1.0, 0.5, 0.5])
 
@@ -51,3 +52,13 @@ def test_errors():
         ExpertStatsAccumulator(2).result()
     with pytest.raises(ValueError, match="router_probs"):
         ExpertStatsAccumulator(2).update(ForwardOutput(torch.zeros(1, 1), None, torch.zeros(1, 1)))
+
+
+def test_balance_uses_the_training_definition_of_load():
+    torch.manual_seed(0)
+    sae = SwitchSAE(SwitchSAEConfig(d_in=8, n_experts=4, d_expert=4, k=2, n_active=2))
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        out = sae(x)
+    stats = expert_stats(sae, x.split(20))  # uneven batches: the load is weighted by pairs
+    assert stats.balance_loss == pytest.approx(load_balancing(out.router_probs, out.experts).item(), rel=1e-5)

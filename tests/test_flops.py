@@ -104,3 +104,28 @@ def test_shape_validation():
         flops.SAEShape("topk", 4, 8, k=2, n_experts=2)
     with pytest.raises(TypeError, match="architecture"):
         flops.flop_count(object())
+
+
+def test_flop_matched_multi_expert_splits_the_width_over_the_active_experts():
+    baseline = TopKSAEConfig(d_in=32, d_sae=256, k=8)
+    base = flops.flop_count(baseline).forward["encoder_matmul"]
+    for n_active in (1, 2, 4):
+        fm = flops.flop_matched_config(baseline, 8, n_active=n_active)
+        assert (fm.d_expert, fm.n_active, fm.d_sae) == (256 // n_active, n_active, 8 * 256 // n_active)
+        assert flops.flop_count(fm).forward["encoder_matmul"] == base  # n_active experts of 1/n_active the width
+    with pytest.raises(ValueError, match="n_active=3 must be a positive integer dividing the baseline's d_sae=256"):
+        flops.flop_matched_config(baseline, 8, n_active=3)
+
+
+def test_make_saes_builds_the_trio():
+    baseline = TopKSAEConfig(d_in=16, d_sae=64, k=4, hook_name="blocks.1.hook_resid_post")
+    saes = flops.make_saes(baseline, 4, seed=3)
+    assert list(saes) == ["topk", "switch-flop", "switch-width"]
+    assert isinstance(saes["topk"], TopKSAE) and saes["topk"].cfg is baseline
+    assert saes["switch-flop"].cfg == flops.flop_matched_config(baseline, 4)
+    assert saes["switch-width"].cfg == flops.width_matched_config(baseline, 4)
+    again = flops.make_saes(baseline, 4, seed=3)  # seeded: the same initial weights
+    assert all(torch.equal(saes[n].W_dec_flat, again[n].W_dec_flat) for n in saes)
+    assert not torch.equal(flops.make_saes(baseline, 4, seed=4)["topk"].W_dec_flat, saes["topk"].W_dec_flat)
+    multi = flops.make_saes(baseline, 4, n_active=2)
+    assert (multi["switch-flop"].cfg.d_expert, multi["switch-width"].cfg.n_active) == (32, 2)

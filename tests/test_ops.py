@@ -66,6 +66,54 @@ def make_problem(shape, dtype=torch.float32, device="cpu", b_enc=True, idle_expe
     }
 
 
+def routed_preactivations(p):
+    """``[rows, d_expert]`` float64 pre-activations of every pair under its own expert."""
+    x, W_enc, b_enc, b_dec = in_float64(p["x"], p["W_enc"], p["b_enc"], p["b_dec"])
+    pre = torch.einsum("bd,efd->bef", x - b_dec, W_enc)  # [batch, n_experts, d_expert]
+    if b_enc is not None:
+        pre = pre + b_enc
+    experts = p["experts"]
+    rows = torch.arange(len(experts), device=experts.device)
+    return pre.repeat_interleave(p["n_active"], 0)[rows, experts]
+
+
+def decided_slots(pre, k, rel_margin=1e-2):
+    """``[rows, k]`` bool: TopK slots whose feature no rounding error can change.
+
+    A slot is decided when, in ``pre`` sorted descending, its value is more than
+    ``rel_margin * max|pre|`` (per row) away from the values before and after it (the
+    last slot's successor is the best unchosen value). Summation order, TF32 or a
+    different BLAS perturb pre-activations far less, so ids at decided slots must agree
+    exactly; near-ties elsewhere are checked through the values.
+    """
+    top = pre.sort(dim=-1, descending=True).values  # [rows, d_expert]
+    pad = torch.full_like(top[:, :1], float("-inf"))
+    top = torch.cat([-pad, top[:, :k], pad if k == pre.shape[1] else top[:, k : k + 1]], dim=1)
+    gaps = top[:, :-1] - top[:, 1:]  # [rows, k + 1]: gap above slot j (and below the last)
+    margin = rel_margin * pre.abs().amax(dim=1, keepdim=True)
+    return (gaps[:, :-1] > margin) & (gaps[:, 1:] > margin)
+
+
+def assert_same_topk(values, indices, ref_values, ref_indices, pre, tol):
+    """Values close, and feature ids equal wherever the selection is decided."""
+    torch.testing.assert_close(values, ref_values, **tol)
+    decided = decided_slots(pre, values.shape[1])
+    assert decided.numel() == 0 or decided.float().mean() > 0.5, "too few decided slots to test"
+    assert torch.equal(indices[decided], ref_indices[decided])
+
+
+def assert_valid_topk(p, values, indices):
+    """Each pair's ids are its expert's, and the chosen pre-activations (float64 of the
+    same inputs) are the k largest up to reduced-precision rounding, ReLU'd."""
+    pre = routed_preactivations(p)  # [rows, d_expert]
+    d_expert = pre.shape[1]
+    assert torch.equal(indices // d_expert, p["experts"].unsqueeze(1).expand_as(indices))
+    chosen = pre.gather(1, indices % d_expert)  # [rows, k]
+    torch.testing.assert_close(values.double(), chosen.relu(), **BF16_TOL)
+    unchosen = pre.scatter(1, indices % d_expert, float("-inf")).amax(1)
+    assert torch.all(chosen.min(1).values >= unchosen - 0.05 * pre.abs().amax(1))
+
+
 def encode(p):
     """Dispatch + encode_topk with the compiled ops."""
     order, offsets = OPS.dispatch(p["experts"], p["n_experts"])
@@ -122,10 +170,7 @@ class TestEncodeTopk:
         args = (p["x"], p["W_enc"], p["b_enc"], p["b_dec"], order, offsets, p["n_active"], p["k"], p["tile_rows"])
         values, indices = OPS.encode_topk(*args)
         ref_values, ref_indices = reference.encode_topk(*args)
-        torch.testing.assert_close(values, ref_values, **FP32_TOL)
-        # ReLU zeros may come from tied or near-tied negatives: compare ids where active.
-        active = ref_values > 0
-        assert torch.equal(indices[active], ref_indices[active])
+        assert_same_topk(values, indices, ref_values, ref_indices, routed_preactivations(p), FP32_TOL)
         d_expert = shape[3]
         assert torch.equal(indices // d_expert, p["experts"].unsqueeze(1).expand_as(indices))
         assert torch.all(values[:, :-1] >= values[:, 1:])  # sorted descending
@@ -137,14 +182,8 @@ class TestEncodeTopk:
         # the chosen pre-activations (float64 of the same inputs) are the k largest.
         p = make_problem(SHAPES[name], dtype=dtype)
         values, indices = encode(p)
-        x, W_enc, b_enc, b_dec = in_float64(p["x"], p["W_enc"], p["b_enc"], p["b_dec"])
-        pre = torch.einsum("bd,efd->bef", x - b_dec, W_enc) + b_enc  # [batch, n_experts, d_expert]
-        pre = pre.repeat_interleave(p["n_active"], 0)[torch.arange(len(p["experts"])), p["experts"]]  # [rows, d_expert]
-        d_expert = W_enc.shape[1]
-        chosen = pre.gather(1, indices % d_expert)
-        torch.testing.assert_close(values.double(), chosen.relu(), **BF16_TOL)
-        unchosen = pre.scatter(1, indices % d_expert, float("-inf")).amax(1)
-        assert torch.all(chosen.min(1).values >= unchosen - 0.05 * pre.abs().amax(1))
+        assert values.dtype == dtype
+        assert_valid_topk(p, values, indices)
 
     @pytest.mark.parametrize("use_b_enc", [True, False])
     @pytest.mark.parametrize("name", ["basic", "n_active=2", "k=d_expert", "empty_batch"])
@@ -173,6 +212,54 @@ class TestEncodeTopk:
 
         inputs = [p[n].detach().requires_grad_(True) for n in ("x", "W_enc", "b_enc", "b_dec")]
         assert torch.autograd.gradcheck(fn, inputs)
+
+
+class TestTopkTies:
+    """The TopK rule of every kernel and of ``reference.topk``: larger values first, NaN
+    above every number, equal values (-0.0 == +0.0) by lower feature id."""
+
+    @pytest.mark.parametrize("device", DEVICES)
+    def test_ties_go_to_the_lower_feature_id(self, device):
+        pre = torch.tensor([1.0, 3.0, float("nan"), 3.0, -0.0, 3.0, float("nan"), 0.0, -1.0])
+        x = torch.ones(1, 1, device=device)
+        W_enc = pre.view(1, -1, 1).to(device)  # pre-activations = W_enc for x = 1
+        experts = torch.zeros(1, dtype=torch.int64, device=device)
+        order, offsets = OPS.dispatch(experts, 1)
+        b_dec = torch.zeros(1, device=device)
+        want = {4: [2, 6, 1, 3], 7: [2, 6, 1, 3, 5, 0, 4], 8: [2, 6, 1, 3, 5, 0, 4, 7]}
+        for k, ids in want.items():
+            values, indices = OPS.encode_topk(x, W_enc, None, b_dec, order, offsets, 1, k, 8)
+            assert indices[0].tolist() == ids, k
+            assert torch.equal(values[0].isnan(), pre[ids].isnan().to(device))
+            ref_values, ref_indices = reference.encode_topk(x, W_enc, None, b_dec, order, offsets, 1, k, 8)
+            assert ref_indices[0].tolist() == ids, k
+            torch.testing.assert_close(values, ref_values, equal_nan=True, rtol=0, atol=0)
+
+    @pytest.mark.parametrize("device", DEVICES)
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("use_b_enc", [True, False])
+    def test_exact_ties_match_the_reference_bitwise(self, use_b_enc, dtype, device):
+        p = tied_problem(dtype, device, b_enc=use_b_enc)
+        values, indices = encode(p)
+        order, offsets = OPS.dispatch(p["experts"], p["n_experts"])
+        ref_values, ref_indices = reference.encode_topk(
+            p["x"], p["W_enc"], p["b_enc"], p["b_dec"], order, offsets, p["n_active"], p["k"], p["tile_rows"]
+        )
+        assert torch.equal(indices, ref_indices)
+        assert torch.equal(values, ref_values)
+
+
+def tied_problem(dtype, device="cpu", b_enc=True, seed=0):
+    """A routed problem of small integers: every pre-activation is an exact integer in
+    [-66, 66] (exact in float32 and bfloat16 whatever the summation order), and with 12
+    features per expert most rows hold exact ties, also at the k-th place."""
+    p = make_problem((40, 8, 3, 12, 4, 2, 16), b_enc=b_enc, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    for name in ("x", "W_enc", "b_enc", "b_dec", "W_dec"):
+        if p[name] is not None:
+            p[name] = torch.randint(-2, 3, p[name].shape, generator=g).to(dtype=dtype, device=device)
+    p["experts"] = p["experts"].to(device)
+    return p
 
 
 def separated_problem():
@@ -295,6 +382,78 @@ class TestDecode:
         _, grad_W_dec = OPS.decode_backward(torch.randn(5, 4), values, indices, torch.randn(6, 4))
         assert torch.count_nonzero(grad_W_dec[[1, 2, 4, 5]]) == 0
         assert torch.count_nonzero(grad_W_dec[[0, 3]]) == 8
+
+
+# ---------------------------------------------------------------- autocast
+
+
+def op_calls(device, dtype=torch.float32):
+    """One call of every op on ``dtype`` inputs on ``device``, by op name."""
+    # d_in = 16: on an H100 the bfloat16 encode_topk takes its grouped GEMM path.
+    p = make_problem((21, 16, 5, 6, 3, 2, 4), dtype=dtype, device=device, idle_expert=0)
+    order, offsets = OPS.dispatch(p["experts"], p["n_experts"])
+    enc_args = (p["x"], p["W_enc"], p["b_enc"], p["b_dec"], order, offsets, p["n_active"], p["k"], p["tile_rows"])
+    values, indices = OPS.encode_topk(*enc_args)
+    grad_values = torch.randn_like(values)
+    grad_out = torch.randn(values.shape[0], p["W_dec"].shape[1], device=device).to(dtype)
+    return {
+        "dispatch": lambda: OPS.dispatch(p["experts"], p["n_experts"]),
+        "encode_topk": lambda: OPS.encode_topk(*enc_args),
+        "encode_backward": lambda: OPS.encode_backward(
+            grad_values, values, indices, p["x"], p["W_enc"], p["b_dec"], p["n_active"]
+        ),
+        "decode": lambda: (OPS.decode(values, indices, p["W_dec"]),),
+        "decode_backward": lambda: OPS.decode_backward(grad_out, values, indices, p["W_dec"]),
+    }
+
+
+OP_NAMES = ("dispatch", "encode_topk", "encode_backward", "decode", "decode_backward")
+
+
+def assert_op_ignores_autocast(device, op_name, dtype=torch.float32, autocast_dtype=torch.bfloat16):
+    """Under torch.autocast the op runs in its inputs' dtype, bitwise as without."""
+    call = op_calls(device, dtype)[op_name]
+    want = call()
+    with torch.autocast(device, dtype=autocast_dtype):
+        got = call()
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype, f"{op_name} returned {g.dtype} under autocast, {w.dtype} without"
+        assert torch.equal(g, w)
+
+
+def assert_training_step_ignores_autocast(device):
+    """Forward and every gradient of encode_topk + decode: the same under autocast."""
+    p = make_problem(SHAPES["n_active=2"], device=device, idle_expert=0)
+    order, offsets = OPS.dispatch(p["experts"], p["n_experts"])
+    runs = []
+    for autocast in (False, True):
+        leaves = [p[n].detach().clone().requires_grad_(True) for n in ("x", "W_enc", "b_enc", "b_dec", "W_dec")]
+        x, W_enc, b_enc, b_dec, W_dec = leaves
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            values, indices = ops.encode_topk(x, W_enc, b_enc, b_dec, order, offsets, p["n_active"], p["k"], 4)
+            x_hat = ops.decode(values, indices, W_dec)
+            loss = x_hat.square().sum()
+        loss.backward()
+        assert x_hat.dtype == torch.float32
+        runs.append([x_hat.detach()] + [t.grad for t in leaves])
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+class TestAutocast:
+    @pytest.mark.parametrize("op_name", OP_NAMES)
+    def test_op_ignores_autocast(self, op_name):
+        assert_op_ignores_autocast("cpu", op_name)
+
+    def test_training_step_ignores_autocast(self):
+        assert_training_step_ignores_autocast("cpu")
+
+    @pytest.mark.parametrize("key", ["AutocastCPU", "AutocastCUDA"])
+    @pytest.mark.parametrize("op_name", OP_NAMES)
+    def test_autocast_kernel_is_registered(self, op_name, key):
+        # Without it the Autocast key falls through and the ATen calls inside the kernels
+        # (at::mm, at::topk, ...) are autocast themselves: wrong dtypes on the GPU.
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"switch_sae::{op_name}", key)
 
 
 # ---------------------------------------------------------------- memory
@@ -446,6 +605,9 @@ def bad_inputs():
         "encode order out of range": (enc(order=bad_order), r"order\[0\] = 29 is out of range"),
         "encode offsets size": (enc(offsets=offsets[:-1]), r"offsets.size\(0\) must equal n_experts \+ 1"),
         "encode offsets values": (enc(offsets=offsets.flip(0).contiguous()), "offsets"),
+        "encode offsets values, no rows": (
+            enc(x=x[:0], order=order[:0], offsets=torch.tensor([0, 1, 0, 0, 0])), "offsets must be non-decreasing"
+        ),
         "encode_backward grad_values shape": (enc_back(grad_values=torch.ones(rows, k + 1)), "grad_values has shape"),
         "encode_backward rows": (enc_back(n_active=2), r"values.size\(0\) must equal rows"),
         "encode_backward index out of range": (enc_back(indices=out_of_range), r"indices\[3, 1\] = 40 is out of range"),

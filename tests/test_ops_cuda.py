@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -24,12 +25,19 @@ from switch_sae import ops, reference
 from test_ops import (
     BF16_TOL,
     FP32_TOL,
+    OP_NAMES,
     SHAPES,
+    assert_op_ignores_autocast,
+    assert_same_topk,
+    assert_training_step_ignores_autocast,
+    assert_valid_topk,
     in_float64,
     make_problem,
     opcheck_samples,
     random_code,
+    routed_preactivations,
     separated_problem,
+    tied_problem,
 )
 
 HAS_GPU = torch.cuda.is_available()
@@ -69,6 +77,17 @@ def gemm_path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture(autouse=True)
+def ieee_fp32():
+    """Full-precision fp32 GEMMs, whatever the caller set, for the comparisons at fp32
+    tolerance (TF32 keeps 10 mantissa bits: the feature-id checks, which look only at
+    selections decided by a wide margin, would hold; the value tolerances would not)."""
+    previous = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "ieee"
+    yield
+    torch.backends.cuda.matmul.fp32_precision = previous
+
+
 def test_extension_has_cuda_kernels():
     assert ops.HAS_EXTENSION and ops.with_cuda(), (
         "a GPU is present but switch_sae was built without CUDA kernels: reinstall with nvcc on PATH"
@@ -99,22 +118,6 @@ class TestDispatchCuda:
 # ---------------------------------------------------------------- encode_topk
 
 
-def assert_valid_topk(p, values, indices):
-    """The chosen pre-activations (float64 of the same inputs) are the k largest, ReLU'd."""
-    x, W_enc, b_enc, b_dec = in_float64(p["x"], p["W_enc"], p["b_enc"], p["b_dec"])
-    pre = torch.einsum("bd,efd->bef", x - b_dec, W_enc)  # [batch, n_experts, d_expert]
-    if b_enc is not None:
-        pre = pre + b_enc
-    experts = p["experts"]
-    pre = pre.repeat_interleave(p["n_active"], 0)[torch.arange(len(experts), device=experts.device), experts]
-    d_expert = W_enc.shape[1]
-    assert torch.equal(indices // d_expert, experts.unsqueeze(1).expand_as(indices))
-    chosen = pre.gather(1, indices % d_expert)  # [rows, k]
-    torch.testing.assert_close(values.double(), chosen.relu(), **BF16_TOL)
-    unchosen = pre.scatter(1, indices % d_expert, float("-inf")).amax(1)
-    assert torch.all(chosen.min(1).values >= unchosen - 0.05 * pre.abs().amax(1))
-
-
 class TestEncodeTopkCuda:
     @pytest.mark.parametrize("use_b_enc", [True, False])
     @pytest.mark.parametrize("name", list(SHAPES))
@@ -122,9 +125,7 @@ class TestEncodeTopkCuda:
         p = make_problem(SHAPES[name], b_enc=use_b_enc, idle_expert=0 if SHAPES[name][2] > 2 else None)
         values, indices = encode(to_cuda(p))
         ref_values, ref_indices = encode(p)
-        torch.testing.assert_close(values.cpu(), ref_values, **FP32_TOL)
-        active = ref_values > 0  # ReLU zeros may come from near-tied negatives
-        assert torch.equal(indices.cpu()[active], ref_indices[active])
+        assert_same_topk(values.cpu(), indices.cpu(), ref_values, ref_indices, routed_preactivations(p), FP32_TOL)
 
     @pytest.mark.parametrize("dtype", REDUCED)
     @pytest.mark.parametrize("use_b_enc", [True, False])
@@ -151,8 +152,7 @@ class TestEncodeTopkCuda:
         p = make_problem(SHAPES["n_active=2"], dtype=torch.float64, idle_expert=0)
         values, indices = encode(to_cuda(p))
         ref_values, ref_indices = encode(p)
-        torch.testing.assert_close(values.cpu(), ref_values)
-        assert torch.equal(indices.cpu()[ref_values > 0], ref_indices[ref_values > 0])
+        assert_same_topk(values.cpu(), indices.cpu(), ref_values, ref_indices, routed_preactivations(p), {})
 
     def test_autograd_matches_reference(self):
         p = to_cuda(make_problem(SHAPES["n_active=2"], idle_expert=2))
@@ -203,6 +203,14 @@ class TestBackwardAndDecodeCuda:
         for got, want in zip(OPS.encode_backward(*to_cuda(args)), OPS.encode_backward(*args)):
             torch.testing.assert_close(got.cpu(), want, **FP32_TOL)
 
+    def test_encode_backward_wide_rows_match_cpu_kernel_fp32(self):
+        # d_in = 2100: feature_sum_kernel's second column pass, with the centring.
+        p = make_problem((16, 2100, 3, 6, 2, 1, 8))
+        values, indices = encode(p)
+        args = (torch.randn_like(values), values, indices, p["x"], p["W_enc"], p["b_dec"], p["n_active"])
+        for got, want in zip(OPS.encode_backward(*to_cuda(args)), OPS.encode_backward(*args)):
+            torch.testing.assert_close(got.cpu(), want, **FP32_TOL)
+
     @pytest.mark.parametrize("dtype", REDUCED)
     @pytest.mark.parametrize("name", ["basic", "n_active=2", "d_expert=13,tiles"])
     def test_encode_backward_reduced_precision(self, name, dtype):
@@ -219,7 +227,12 @@ class TestBackwardAndDecodeCuda:
 
     # Includes d_sae > 8192 (the histogram's global-atomics path), d_in not a multiple of
     # the vector width, and no rows.
-    @pytest.mark.parametrize("rows,k,d_sae,d_in", [(31, 4, 50, 12), (9, 1, 7, 5), (0, 3, 10, 4), (300, 16, 10_000, 64)])
+    # Also: rows of several blocks' worth of columns (768: one pass; 3000: tails and, in
+    # the backward, two staging passes), and features with more slots than one staging.
+    @pytest.mark.parametrize("rows,k,d_sae,d_in", [
+        (31, 4, 50, 12), (9, 1, 7, 5), (0, 3, 10, 4), (300, 16, 10_000, 64), (64, 8, 500, 768),
+        (33, 5, 40, 3000), (600, 8, 7, 40),
+    ])
     def test_decode_ops_match_cpu_kernels_fp32(self, rows, k, d_sae, d_in):
         values, indices = random_code(rows, k, d_sae)
         W_dec = torch.randn(d_sae, d_in)
@@ -231,7 +244,7 @@ class TestBackwardAndDecodeCuda:
             torch.testing.assert_close(g.cpu(), w, **FP32_TOL)
 
     @pytest.mark.parametrize("dtype", REDUCED + [torch.float64])
-    @pytest.mark.parametrize("d_in", [16, 15])  # vectorised and scalar gather-sum
+    @pytest.mark.parametrize("d_in", [16, 15, 768])  # vectorised, scalar, 2 rows per block
     def test_decode_ops_other_dtypes(self, dtype, d_in):
         values, indices = random_code(40, 6, 30, dtype=dtype, device="cuda")
         W_dec = torch.randn(30, d_in, dtype=torch.float64).to(dtype=dtype, device="cuda")
@@ -300,6 +313,22 @@ def test_compile_fullgraph_matches_eager():
         torch.testing.assert_close(compiled, eager, **FP32_TOL)
 
 
+def test_per_expert_path_syncs_once_per_call():
+    # The one documented sync: offsets copied to the host to size the per-expert GEMMs.
+    p = to_cuda(make_problem((64, 16, 4, 24, 4, 2, 16), idle_expert=1))  # float32: per expert
+    order, offsets = OPS.dispatch(p["experts"], p["n_experts"])
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            OPS.encode_topk(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], order, offsets, p["n_active"], p["k"], 16)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in caught]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_no_host_synchronisation(dtype):
     # dispatch, decode and both backward ops never sync; encode_topk only on its grouped
@@ -320,6 +349,83 @@ def test_no_host_synchronisation(dtype):
         OPS.encode_backward(grad_values, values, indices, p["x"], p["W_enc"], p["b_dec"], p["n_active"])
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+# ---------------------------------------------------------------- launches per call
+
+
+def kernels_launched(call) -> list[str]:
+    """Names of the GPU kernels one call launches (copies and memsets left out)."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        call()
+        torch.cuda.synchronize()
+    return [
+        e.name for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Memcpy", "Memset"))
+    ]
+
+
+def test_decode_is_one_launch():
+    values, indices = random_code(300, 8, 500, device="cuda")
+    W_dec = torch.randn(500, 768, device="cuda")
+    names = kernels_launched(lambda: OPS.decode(values, indices, W_dec))
+    assert len(names) == 1 and "gather_sum_kernel" in names[0], names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_encode_topk_launches_per_tile_not_per_expert_tile(dtype, gemm_path):
+    # 32 experts over 2 tiles: a loop of ~5 launches per (expert, tile) would take ~165.
+    shape = (256, 64, 32, 64, 8, 1, 128)  # (batch, d_in, n_experts, d_expert, k, n_active, tile_rows)
+    n_tiles, n_experts = 2, 32
+    p = to_cuda(make_problem(shape, dtype=dtype))
+    order, offsets = OPS.dispatch(p["experts"], n_experts)
+    names = kernels_launched(
+        lambda: OPS.encode_topk(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], order, offsets, 1, p["k"], shape[6])
+    )
+    for kernel, count in [("check_routing_kernel", 1), ("gather_centered_kernel", n_tiles),
+                          ("finish_preactivations_kernel", n_tiles), ("scatter_topk_kernel", n_tiles)]:
+        assert sum(kernel in name for name in names) == count, (kernel, names)
+    # Our 3 per tile + a radix-select TopK (1-3) + GEMMs (at most 2 kernels each, one
+    # GEMM per expert-tile intersection, <= n_experts + n_tiles - 1) + 2 output fills,
+    # the routing check and the grouped path's tile-ends kernel.
+    bound = n_tiles * (3 + 3) + 2 * (n_experts + n_tiles - 1) + 2 + 1 + 1
+    assert len(names) <= bound, names
+
+
+# ---------------------------------------------------------------- autocast and ties
+
+
+@pytest.mark.parametrize("op_name", OP_NAMES)
+def test_op_ignores_autocast(op_name):
+    assert_op_ignores_autocast("cuda", op_name)
+
+
+@pytest.mark.parametrize("op_name", OP_NAMES)
+def test_bf16_op_ignores_float16_autocast(op_name, gemm_path):
+    # bf16 weights under an fp16 autocast: the grouped GEMM must not be cast to fp16.
+    assert_op_ignores_autocast("cuda", op_name, dtype=torch.bfloat16, autocast_dtype=torch.float16)
+
+
+def test_training_step_ignores_autocast():
+    assert_training_step_ignores_autocast("cuda")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("use_b_enc", [True, False])
+def test_exact_ties_match_cpu_kernel_bitwise(use_b_enc, dtype, gemm_path):
+    p = tied_problem(dtype, b_enc=use_b_enc)
+    for got, want in zip(encode(to_cuda(p)), encode(p)):
+        assert torch.equal(got.cpu(), want)
+
+
+def test_exact_ties_in_wide_experts_match_cpu_kernel_bitwise():
+    # One expert of 32768 features and tiles of 4 rows: torch's multi-block radix select.
+    p = tied_problem(torch.float32)
+    p.update(W_enc=torch.randint(-2, 3, (1, 32768, 8)).float(), b_enc=None, n_experts=1, n_active=1,
+             experts=torch.zeros(40, dtype=torch.int64), k=64, tile_rows=4)
+    for got, want in zip(encode(to_cuda(p)), encode(p)):
+        assert torch.equal(got.cpu(), want)
 
 
 # ---------------------------------------------------------------- bad input
@@ -375,8 +481,11 @@ def test_mixed_devices_are_rejected_by_name():
         ("OPS.encode_topk(torch.ones(2, 4, device='cuda'), torch.ones(2, 3, 4, device='cuda'), None, "
          "torch.zeros(4, device='cuda'), torch.tensor([0, 7], device='cuda'), torch.tensor([0, 1, 2], device='cuda'), "
          "1, 2, 8)", "order out of range"),
+        ("OPS.encode_topk(torch.ones(0, 4, device='cuda'), torch.ones(2, 3, 4, device='cuda'), None, "
+         "torch.zeros(4, device='cuda'), torch.zeros(0, dtype=torch.int64, device='cuda'), "
+         "torch.tensor([0, 1, 0], device='cuda'), 1, 2, 8)", "offsets must be non-decreasing"),
     ],
-    ids=["decode index", "dispatch expert", "encode_topk order"],
+    ids=["decode index", "dispatch expert", "encode_topk order", "encode_topk offsets, no rows"],
 )
 def test_out_of_range_data_is_a_device_assert(call, message):
     # A device-side assert poisons the CUDA context, so each case runs in its own process.

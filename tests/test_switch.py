@@ -36,7 +36,7 @@ def make_model(seed=0, **overrides) -> SwitchSAE:
 def reference_forward(model: SwitchSAE, x: torch.Tensor):
     return reference.switch_forward(
         x.reshape(-1, model.d_in), model.encoder_weight(), model.b_enc, model.W_dec,
-        model.W_router, model.b_router, model.b_dec, model.cfg.k, model.cfg.n_active,
+        model.W_router, model.b_router, model.b_dec, model.cfg.k, model.cfg.n_active, model.cfg.gate,
     )
 
 
@@ -65,10 +65,13 @@ def test_extension_is_loaded():
     assert hasattr(torch.ops.switch_sae, "encode_topk")
 
 
-@pytest.mark.parametrize("n_active", [1, 2])
-@pytest.mark.parametrize("use_encoder_bias", [False, True])
-def test_forward_matches_reference(n_active, use_encoder_bias):
-    model = make_model(n_active=n_active, use_encoder_bias=use_encoder_bias)
+GATE_CASES = [(1, False, "prob"), (2, False, "prob"), (1, True, "prob"), (2, True, "prob"),
+              (2, False, "renormalized"), (3, True, "renormalized"), (1, False, "renormalized")]
+
+
+@pytest.mark.parametrize("n_active, use_encoder_bias, gate", GATE_CASES)
+def test_forward_matches_reference(n_active, use_encoder_bias, gate):
+    model = make_model(n_active=n_active, use_encoder_bias=use_encoder_bias, gate=gate)
     x = torch.randn(64, model.d_in)
     out = model(x)
     x_hat, values, indices, probs, experts = reference_forward(model, x)
@@ -81,10 +84,9 @@ def test_forward_matches_reference(n_active, use_encoder_bias):
     assert out.values.shape == (64, model.cfg.k) and out.indices.dtype == torch.int64
 
 
-@pytest.mark.parametrize("n_active", [1, 2])
-@pytest.mark.parametrize("use_encoder_bias", [False, True])
-def test_gradients_match_reference(n_active, use_encoder_bias):
-    model = make_model(n_active=n_active, use_encoder_bias=use_encoder_bias)
+@pytest.mark.parametrize("n_active, use_encoder_bias, gate", GATE_CASES)
+def test_gradients_match_reference(n_active, use_encoder_bias, gate):
+    model = make_model(n_active=n_active, use_encoder_bias=use_encoder_bias, gate=gate)
     x, target = torch.randn(64, model.d_in), torch.randn(64, model.d_in)
     weights = torch.randn(64, model.cfg.k)
     ours = grads(model, False, x, target, weights)
@@ -94,6 +96,23 @@ def test_gradients_match_reference(n_active, use_encoder_bias):
         scale = ref[name].abs().max().clamp_min(1.0)
         err = (ours[name] - ref[name]).abs().max() / scale
         assert err <= 1e-4, f"grad of {name}: max error {err:.2e} relative to scale {scale:.2e}"
+
+
+def test_renormalized_gates_sum_to_one_and_rescale_the_code():
+    prob = make_model(n_active=2)
+    renorm = make_model(n_active=2, gate="renormalized")
+    x = torch.randn(32, prob.d_in)
+    probs, gates, experts = reference.route(x, renorm.W_router, renorm.b_router, 2, "renormalized")
+    torch.testing.assert_close(gates.sum(-1), torch.ones(32))
+    torch.testing.assert_close(gates, probs.gather(1, experts) / probs.gather(1, experts).sum(-1, keepdim=True))
+    a, b = prob(x), renorm(x)
+    assert torch.equal(a.experts, b.experts) and not torch.allclose(a.values, b.values)
+    single = make_model(n_active=1, gate="renormalized")
+    assert torch.equal(single.route(x)[1], torch.ones(32, 1))  # one expert: the gate is always 1
+    with pytest.raises(ValueError, match="gate must be one of"):
+        SwitchSAEConfig(d_in=4, n_experts=2, d_expert=4, k=2, gate="softmax")
+    with pytest.raises(ValueError, match="gate must be one of"):
+        reference.route(x, prob.W_router, prob.b_router, 1, "top")
 
 
 def test_gradients_reach_input():
@@ -258,7 +277,7 @@ def test_load_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown architecture 'nonsense'"):
         SAE.load(tmp_path)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg | {"d_expert": 11}))
-    with pytest.raises(RuntimeError, match="size mismatch"):
+    with pytest.raises(ValueError, match="cfg.json was edited after saving.*d_expert"):
         SAE.load(tmp_path)
 
 

@@ -10,30 +10,35 @@
 // of threads):
 // - small items (mean rows * d_expert * d_in per item < kSmallItemMacs, e.g. many
 //   experts of ~64 rows): ONE at::parallel_for over the items. Inside it ATen's GEMM and
-//   TopK run single-threaded (in_parallel_region), so a call opens one parallel region
+//   our TopK run single-threaded (in_parallel_region), so a call opens one parallel region
 //   instead of two per item; with 64 experts the per-item fork/joins cost more than the
 //   work itself, worse still on a busy machine.
 // - large items (e.g. one expert holding the whole dictionary): items run one after
-//   another and the GEMM and TopK use the intra-op thread pool themselves, which splits
+//   another and the GEMM and the TopK use the intra-op thread pool themselves, which splits
 //   one big GEMM evenly where a few big items would not split evenly over threads.
-// Either way the cheap gather/scatter around them are serial loops per item.
+// Either way the cheap gather around them is a serial loop per item; the TopK (our own
+// selection, for its tie rule) is parallel over rows on the large-item path only.
 // (at::parallel_for only forks when the extension is compiled with OpenMP, as ATen is.)
 //
 // Memory: each parallel chunk (at most one per thread) owns scratch of at most
-// tile_rows x (d_in + d_expert + 2k) elements, so at most n_threads times that is live
-// (once in the serial path); the [rows, d_sae] pre-activations never exist.
+// tile_rows x (d_in + d_expert) elements and d_expert candidate ids, so at most
+// n_threads times that is live (once in the serial path); the [rows, d_sae]
+// pre-activations never exist.
 //
 // What it leaves out: routing and gating (the model), the backward (encode_backward.cpp).
 #include <ATen/Dispatch.h>
 #include <ATen/NumericUtils.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <numeric>
 #include <vector>
 
 #include "checks.h"
+#include "topk_rule.h"
 
 namespace switch_sae {
 namespace {
@@ -64,9 +69,9 @@ std::vector<int64_t> tokens_of_pairs(const at::Tensor& order, int64_t n_active) 
   return tokens;
 }
 
-// The element-wise steps around the GEMM and the TopK are plain serial loops: they are
-// O(tile * (d_in + k)) next to the GEMM's O(tile * d_in * d_expert), and an ATen call
-// for each would open one more parallel region per tile.
+// The gather before the GEMM is a plain serial loop: it is O(tile * d_in) next to the
+// GEMM's O(tile * d_in * d_expert), and an ATen call would open one more parallel region
+// per tile.
 
 // x_tile[i] = x[tokens[i]] - b_dec, rounded to scalar_t like the reference's x - b_dec.
 template <typename scalar_t>
@@ -81,18 +86,44 @@ void gather_centered(const scalar_t* x, const scalar_t* b_dec, const int64_t* to
   }
 }
 
-// values[pairs[i]] = ReLU(top_values[i]); indices[pairs[i]] = first_feature + top_local[i].
+// Whether feature a of a pre-activation row comes before feature b in the TopK (the rule
+// of topk_rule.h).
 template <typename scalar_t>
-void scatter_topk(const scalar_t* top_values, const int64_t* top_local, const int64_t* pairs,
-                  int64_t n, int64_t k, int64_t first_feature, scalar_t* values, int64_t* indices) {
-  for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j < k; ++j) {
-      const scalar_t v = top_values[i * k + j];
-      // ReLU as at::relu: NaN propagates.
-      values[pairs[i] * k + j] = (v > scalar_t(0) || at::_isnan(v)) ? v : scalar_t(0);
-      indices[pairs[i] * k + j] = first_feature + top_local[i * k + j];
-    }
+struct TopkPrecedes {
+  const scalar_t* row;  // [d_expert]
+  bool operator()(int64_t a, int64_t b) const {
+    using acc_t = at::opmath_type<scalar_t>;
+    return topk_precedes(static_cast<acc_t>(row[a]), a, static_cast<acc_t>(row[b]), b);
   }
+};
+
+// For each of the n rows of pre [n, d_expert]: the top k features by TopkPrecedes,
+// in that order; values[pairs[i]] = ReLU(their values), indices[pairs[i]] =
+// first_feature + their local ids. Parallel over rows when called outside a parallel
+// region (the large-item path, where one tile can be 1024 x 65536); inline inside one.
+template <typename scalar_t>
+void scatter_topk(const scalar_t* pre, int64_t n, int64_t d_expert, int64_t k,
+                  const int64_t* pairs, int64_t first_feature, scalar_t* values,
+                  int64_t* indices) {
+  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / d_expert);
+  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> candidates(d_expert);  // [d_expert] local feature ids
+    for (int64_t i = begin; i < end; ++i) {
+      const scalar_t* row = pre + i * d_expert;
+      const TopkPrecedes<scalar_t> precedes{row};
+      std::iota(candidates.begin(), candidates.end(), int64_t{0});
+      // Partition off the k first (linear time), then order them (k log k).
+      std::nth_element(candidates.begin(), candidates.begin() + (k - 1), candidates.end(),
+                       precedes);
+      std::sort(candidates.begin(), candidates.begin() + k, precedes);
+      for (int64_t j = 0; j < k; ++j) {
+        const scalar_t v = row[candidates[j]];
+        // ReLU as at::relu: NaN propagates.
+        values[pairs[i] * k + j] = (v > scalar_t(0) || at::_isnan(v)) ? v : scalar_t(0);
+        indices[pairs[i] * k + j] = first_feature + candidates[j];
+      }
+    }
+  });
 }
 
 // ---- launcher
@@ -106,13 +137,15 @@ std::tuple<at::Tensor, at::Tensor> encode_topk_cpu(const at::Tensor& x, const at
                                                    const std::optional<at::Tensor>& b_enc,
                                                    const at::Tensor& b_dec, const at::Tensor& order,
                                                    const at::Tensor& offsets, int64_t n_active,
-                                                   int64_t k, int64_t tile_rows) {
-  check_encode_topk_args(x, W_enc, b_enc, b_dec, order, offsets, n_active, k, tile_rows);
+                                                   int64_t k, int64_t requested_tile_rows) {
+  check_encode_topk_args(x, W_enc, b_enc, b_dec, order, offsets, n_active, k, requested_tile_rows);
   const int64_t n_experts = W_enc.size(0), d_expert = W_enc.size(1), d_in = x.size(1);
   const int64_t rows = order.size(0);
+  const int64_t tile_rows = effective_tile_rows(requested_tile_rows, rows);
   const int64_t* off = offsets.data_ptr<int64_t>();
   check_offsets_values(off, n_experts, rows);
   const std::vector<int64_t> tokens = tokens_of_pairs(order, n_active);  // [rows], sorted order
+  check_order_is_permutation(order);
   // Pairs not covered by any expert cannot occur after the checks; zeros match the reference.
   at::Tensor values = at::zeros({rows, k}, x.options());                    // [rows, k]
   at::Tensor indices = at::zeros({rows, k}, x.options().dtype(at::kLong));  // [rows, k]
@@ -143,26 +176,21 @@ std::tuple<at::Tensor, at::Tensor> encode_topk_cpu(const at::Tensor& x, const at
       }
       at::Tensor x_tile = at::empty({tile, d_in}, x.options());  // [tile, d_in]
       at::Tensor pre = at::empty({tile, d_expert}, x.options());  // [tile, d_expert]
-      at::Tensor top_values = at::empty({tile, k}, x.options());  // [tile, k]
-      at::Tensor top_local = at::empty({tile, k}, indices.options());  // [tile, k]
       for (int64_t i = begin; i < end; ++i) {
         const auto [e, start] = items[i];
         const int64_t n = item_rows(i);
         gather_centered<scalar_t>(x.data_ptr<scalar_t>(), b_dec.data_ptr<scalar_t>(),
                                   tokens.data() + start, n, d_in, x_tile.data_ptr<scalar_t>());
         const at::Tensor xs = x_tile.narrow(0, 0, n);  // [n, d_in]
-        at::Tensor ps = pre.narrow(0, 0, n);           // [n, d_expert]
+        at::Tensor ps = pre.narrow(0, 0, n);           // [n, d_expert], contiguous
         const at::Tensor W_t = W_enc[e].t();           // [d_in, d_expert]
         if (b_enc.has_value()) {
           at::addmm_out(ps, (*b_enc)[e], xs, W_t);
         } else {
           at::mm_out(ps, xs, W_t);
         }
-        at::Tensor vs = top_values.narrow(0, 0, n), ls = top_local.narrow(0, 0, n);  // [n, k]
-        at::topk_out(vs, ls, ps, k, /*dim=*/-1, /*largest=*/true, /*sorted=*/true);
-        TORCH_INTERNAL_ASSERT(vs.is_contiguous() && ls.is_contiguous());
-        scatter_topk<scalar_t>(vs.data_ptr<scalar_t>(), ls.data_ptr<int64_t>(),
-                               order.data_ptr<int64_t>() + start, n, k, e * d_expert,
+        scatter_topk<scalar_t>(ps.data_ptr<scalar_t>(), n, d_expert, k,
+                               order.data_ptr<int64_t>() + start, e * d_expert,
                                values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
       }
     };

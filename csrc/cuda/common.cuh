@@ -47,6 +47,13 @@ inline unsigned int grid_for(int64_t n_items, int64_t items_per_block) {
   return static_cast<unsigned int>(std::clamp<int64_t>(blocks, 1, int64_t{1} << 16));
 }
 
+// Streaming multiprocessors of a device: an attribute query, no synchronisation.
+inline int multiprocessor_count(c10::DeviceIndex device) {
+  int count = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
+  return count;
+}
+
 // Accumulator: fp32 for bf16/fp16/fp32 inputs, fp64 for fp64 (at::opmath_type).
 template <typename scalar_t>
 using acc_t = at::opmath_type<scalar_t>;

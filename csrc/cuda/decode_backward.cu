@@ -9,7 +9,7 @@
 //     stable sort), then one block per feature sums values[s] * grad_out[s / k] over its
 //     slots in ascending slot order, the CPU's order, in fp32 (fp64 for fp64).
 // An atomics variant (scatter-add without grouping) would be nondeterministic; it is
-// not written, because the issue asks for one only where it is measurably faster and
+// not written: it is worth having only where it is measurably faster, and
 // that cannot be measured without a GPU.
 //
 // Launch:
@@ -17,7 +17,10 @@
 //     warp w handles slots j = w, w + 8, ...
 //   feature_sum_kernel: one block of 256 threads per feature, grid-stride over features;
 //     slots are staged 256 at a time in shared memory (row id and weight, 4 KiB), then
-//     every thread accumulates its column. Static shared memory only.
+//     every thread accumulates kColumns columns (d_in up to 2048 in one pass, so each
+//     slot is staged once; wider rows take one pass per 2048 columns). The weight sum
+//     (grad_b_enc) is taken by thread 0 from the staged weights during the first pass,
+//     in slot order. Static shared memory only.
 // Memory traffic: grad_values reads rows * k * d_in W_dec elements + rows * d_in grad_out
 //   (L1/L2 reuse across the row's warps) and writes rows * k; grad_W_dec reads
 //   rows * k * d_in grad_out elements (gathered by slot) and writes d_sae * d_in (every
@@ -63,6 +66,9 @@ __global__ void __launch_bounds__(kThreads)
                          "switch_sae: indices out of range [0, d_sae) (W_dec.size(0))");
 }
 
+// Columns each thread of feature_sum_kernel accumulates per staging of the slots.
+constexpr int kColumns = 8;
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads)
     feature_sum_kernel(const int64_t* __restrict__ perm, const int64_t* __restrict__ bin_offsets,
@@ -73,15 +79,25 @@ __global__ void __launch_bounds__(kThreads)
   using acc = acc_t<scalar_t>;
   __shared__ int64_t staged_row[kThreads];  // source row of each staged slot
   __shared__ acc staged_weight[kThreads];   // its weight
+  const int64_t pass_columns = int64_t{kColumns} * blockDim.x;
   for (int64_t f = blockIdx.x; f < n_features; f += gridDim.x) {
     const int64_t begin = bin_offsets[f];
     const int64_t end = bin_offsets[f + 1];
-    // Column passes are block-uniform (the loop bound does not depend on the thread), so
-    // every thread reaches every __syncthreads below.
-    for (int64_t base = 0; base < d_in; base += blockDim.x) {
-      const int64_t c = base + threadIdx.x;
-      const bool active = c < d_in;
-      acc sum = acc(0);
+    // Passes are block-uniform (the loop bounds do not depend on the thread), so every
+    // thread reaches every __syncthreads below. At least one pass runs, for the weight
+    // sum when d_in == 0.
+    for (int64_t base = 0; base == 0 || base < d_in; base += pass_columns) {
+      // Thread t owns columns base + u * blockDim.x + t, u < kColumns.
+      acc sum[kColumns];
+      acc shift[kColumns];
+#pragma unroll
+      for (int u = 0; u < kColumns; ++u) {
+        const int64_t c = base + u * int64_t{blockDim.x} + threadIdx.x;
+        sum[u] = acc(0);
+        shift[u] = center != nullptr && c < d_in ? static_cast<acc>(center[c]) : acc(0);
+      }
+      const bool sums_bias = bias_out != nullptr && base == 0 && threadIdx.x == 0;
+      acc total = acc(0);
       for (int64_t chunk = begin; chunk < end; chunk += blockDim.x) {
         const int64_t n = end - chunk < int64_t{blockDim.x} ? end - chunk : int64_t{blockDim.x};
         if (threadIdx.x < n) {
@@ -90,29 +106,37 @@ __global__ void __launch_bounds__(kThreads)
           staged_weight[threadIdx.x] = slot_weight(weights, mask, s);
         }
         __syncthreads();
-        if (active) {
-          const acc shift = center != nullptr ? static_cast<acc>(center[c]) : acc(0);
-          for (int64_t i = 0; i < n; ++i) {
-            acc v = static_cast<acc>(src[staged_row[i] * d_in + c]);
-            if (center != nullptr) {
-              // (x - b_dec) is rounded to x's dtype in the reference before the product.
-              v = static_cast<acc>(static_cast<scalar_t>(v - shift));
+        for (int64_t i = 0; i < n; ++i) {
+          const scalar_t* row = src + staged_row[i] * d_in;
+          const acc w = staged_weight[i];
+#pragma unroll
+          for (int u = 0; u < kColumns; ++u) {
+            const int64_t c = base + u * int64_t{blockDim.x} + threadIdx.x;
+            if (c < d_in) {
+              acc v = static_cast<acc>(row[c]);
+              if (center != nullptr) {
+                // (x - b_dec) is rounded to x's dtype in the reference before the product.
+                v = static_cast<acc>(static_cast<scalar_t>(v - shift[u]));
+              }
+              sum[u] += w * v;
             }
-            sum += staged_weight[i] * v;
+          }
+          if (sums_bias) {
+            total += w;
           }
         }
         __syncthreads();  // staged slots are overwritten by the next chunk
       }
-      if (active) {
-        out[f * d_in + c] = static_cast<scalar_t>(sum);
+#pragma unroll
+      for (int u = 0; u < kColumns; ++u) {
+        const int64_t c = base + u * int64_t{blockDim.x} + threadIdx.x;
+        if (c < d_in) {
+          out[f * d_in + c] = static_cast<scalar_t>(sum[u]);
+        }
       }
-    }
-    if (bias_out != nullptr && threadIdx.x == 0) {
-      acc total = acc(0);
-      for (int64_t i = begin; i < end; ++i) {
-        total += slot_weight(weights, mask, perm[i]);
+      if (sums_bias) {
+        bias_out[f] = static_cast<scalar_t>(total);
       }
-      bias_out[f] = static_cast<scalar_t>(total);
     }
   }
 }

@@ -14,7 +14,9 @@
 // No host synchronisation anywhere: every size is known on the host from the shapes.
 //
 // Launch: histogram grid = min(ceil(n / 256), 2^16) blocks x 256 threads, grid-stride;
-// dynamic shared memory 4 * n_bins bytes when privatised.
+// when privatised (dynamic shared memory 4 * n_bins bytes), at most kBlocksPerSm blocks
+// per SM, because each block zeroes and flushes all n_bins counters: with one block per
+// 256 keys that set-up would cost more than the counting.
 // Memory traffic, n keys: histogram reads 8n B; int32 conversion 12n B; radix sort of
 // 32-bit keys with int64 values ~4 passes x 2 x (4 + 8)n B ~ 100n B; output 8n B +
 // 8 (n_bins + 1) B. For dispatch (n = batch * n_active) this is small next to the encoder.
@@ -29,6 +31,10 @@ namespace {
 // global atomics: covers every realistic n_experts; d_sae-sized histograms (the backward
 // ops) spread over many addresses, so global atomics rarely collide there.
 constexpr int64_t kSharedBins = 8192;
+
+// Privatised histogram blocks per SM: enough resident blocks to hide atomic latency,
+// few enough that each block counts many keys per counter it zeroes and flushes.
+constexpr int64_t kBlocksPerSm = 4;
 
 template <bool kShared>
 __global__ void __launch_bounds__(kThreads)
@@ -88,7 +94,9 @@ std::tuple<at::Tensor, at::Tensor> group_by_key(const at::Tensor& keys, int64_t 
     const unsigned int grid = grid_for(n, kThreads);
     if (n_bins <= kSharedBins) {
       const size_t shared_bytes = sizeof(unsigned int) * static_cast<size_t>(n_bins);
-      histogram_kernel<true><<<grid, kThreads, shared_bytes, stream>>>(
+      const auto capped = static_cast<unsigned int>(
+          std::min<int64_t>(grid, kBlocksPerSm * multiprocessor_count(keys.device().index())));
+      histogram_kernel<true><<<capped, kThreads, shared_bytes, stream>>>(
           flat_keys.data_ptr<int64_t>(), n, n_bins, counts_ptr);
     } else {
       histogram_kernel<false><<<grid, kThreads, 0, stream>>>(flat_keys.data_ptr<int64_t>(), n,

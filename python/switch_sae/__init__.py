@@ -22,6 +22,7 @@ from .models import (
     TopKSAE,
     TopKSAEConfig,
 )
+from .self_test import selftest
 from .training import StepMetrics, TrainConfig, Trainer
 
 __version__ = "0.1.0"
@@ -47,5 +48,6 @@ __all__ = [
     "Trainer",
     "ops",
     "reference",
+    "selftest",
     "__version__",
 ]

@@ -1,15 +1,20 @@
-"""The ``switch-sae`` command (also ``python -m switch_sae``): train | eval | analyze | bench | demo.
+"""The ``switch-sae`` command (also ``python -m switch_sae``): train | eval | analyze | dashboard | bench | demo | reproduce | selftest.
 
 Options are derived from the config dataclasses (``cli_args``), so ``switch-sae <command>
 --help`` documents every field with its docstring and default:
 
 - ``demo``: the main job (``demo.DemoConfig``): TopK vs FLOP- and width-matched Switch SAEs.
+- ``reproduce``: the paper's sweeps over k and n_experts with its figures
+  (``experiments.reproduce.ReproduceConfig``), about an hour on a 2-core CPU.
 - ``train ARCH``: one SAE of architecture ARCH (``DataConfig`` + the architecture's config
   + ``TrainConfig``) into a run folder (``sae/``, ``checkpoints/``, ``metrics.jsonl``,
   ``eval.json``).
 - ``eval SAE_DIR...``: evaluate saved SAEs on held-out tokens, print and save the metrics.
 - ``analyze RUN_DIR...``: geometry, FLOPs and plots of saved runs (``evals.report``).
+- ``dashboard RUN_OR_SAE``: a static site with a page per feature (``dashboard``).
 - ``bench``: time the ops and training steps against the alternatives (``bench``).
+- ``selftest``: check the compiled ops on this device against ``reference.py`` (``selftest``);
+  exits 1 on a mismatch.
 
 A bad option or a missing input exits with code 2 and a one-line message (no traceback);
 Ctrl-C exits with 130 after the trainer has written a checkpoint, and says how to resume.
@@ -55,29 +60,60 @@ def usage_errors() -> Iterator[None]:
         raise UsageError(str(err)) from err
 
 
-# ------------------------------------------------------------------ demo
+# ------------------------------------------------------------------ demo and reproduce
+
+
+def add_workflow(commands: Any, name: str, config_class: type, handler: Any, **texts: str) -> None:
+    """A command whose options are ``config_class``'s fields; ``texts``: argparse's help and description."""
+    parser = commands.add_parser(name, **texts)
+    add_dataclass_arguments(parser, config_class, title=f"{name} options")
+    parser.set_defaults(handler=handler)
+
+
+def run_workflow(args: argparse.Namespace, config_class: type, prepare: Any, execute: Any, resume_hint: str) -> int:
+    """``prepare`` the config from ``args`` (its errors are usage errors), then ``execute`` it;
+    ``resume_hint`` (formatted with ``out``) is printed if Ctrl-C interrupts the work."""
+    with usage_errors():
+        cfg = prepare(dataclass_from_args(config_class, args))
+    args.resume_hint = resume_hint.format(out=cfg.out)
+    execute(cfg)
+    return 0
 
 
 def add_demo(commands: Any) -> None:
-    parser = commands.add_parser(
-        "demo", help="the main job: TopK vs FLOP- and width-matched Switch SAEs, table + report",
+    add_workflow(
+        commands, "demo", DemoConfig, run_demo_command,
+        help="the main job: TopK vs FLOP- and width-matched Switch SAEs, table + report",
         description="Harvest activations from a model (default: the embedded SmolLM2-135M, no internet "
         "needed), train a TopK SAE and FLOP-matched and width-matched Switch SAEs on the same batches, "
         "evaluate them on the same held-out tokens, print a comparison table and write a report with plots. "
         "Sizes left unset come from --preset.",
     )
-    add_dataclass_arguments(parser, DemoConfig, title="demo options")
-    parser.set_defaults(handler=run_demo_command)
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
     from .demo import execute_demo, prepare_demo
 
-    with usage_errors():
-        cfg = prepare_demo(dataclass_from_args(DemoConfig, args))
-    args.resume_hint = f"switch-sae demo --resume --out {cfg.out}"
-    execute_demo(cfg)
-    return 0
+    return run_workflow(args, DemoConfig, prepare_demo, execute_demo, "switch-sae demo --resume --out {out}")
+
+
+def add_reproduce(commands: Any) -> None:
+    from .experiments.reproduce import ReproduceConfig
+
+    add_workflow(
+        commands, "reproduce", ReproduceConfig, run_reproduce_command,
+        help="the paper's sweeps over k and n_experts: table + figures (~1 h on a 2-core CPU)",
+        description="Harvest activations once, train TopK, FLOP- and width-matched Switch, ReLU and Gated SAEs over "
+        "k, and Switch SAEs over n_experts, evaluate all on the same held-out tokens, and write a table "
+        "(results.md, results.json) and the paper's figures (figures/*.png). Running it again with the same "
+        "--out continues an interrupted run.",
+    )
+
+
+def run_reproduce_command(args: argparse.Namespace) -> int:
+    from .experiments.reproduce import ReproduceConfig, execute_reproduce, prepare_reproduce
+
+    return run_workflow(args, ReproduceConfig, prepare_reproduce, execute_reproduce, "the same command with --out {out}")
 
 
 # ------------------------------------------------------------------ train
@@ -85,7 +121,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 def add_train(commands: Any) -> None:
     parser = commands.add_parser(
-        "train", help="train one SAE on activations harvested from a model",
+        "train", help="train one SAE on activations harvested from a model, or stored ones",
         description="Train one SAE. Pick the architecture, then see `switch-sae train ARCH --help`.",
     )
     architectures = parser.add_subparsers(dest="architecture", required=True, metavar="ARCH")
@@ -95,6 +131,12 @@ def add_train(commands: Any) -> None:
         sub.add_argument("--out", default="", help="run folder (default: runs/train-<architecture>-<date>-<time>)")
         sub.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
                          help="evaluate the trained SAE on the held-out contexts (default: yes)")
+        sub.add_argument("--activations", default="", metavar="PATH",
+                         help="train on stored activations instead of harvesting (no language model is loaded): an "
+                         "activation-cache folder, a folder of .npy/.safetensors shards, or a saved datasets dataset "
+                         "(SAELens cached activations); every stored row is used")
+        sub.add_argument("--activations-column", default="", metavar="NAME",
+                         help="the activation column (datasets) or tensor (.safetensors) when there are several")
         add_dataclass_arguments(sub, DataConfig, title="data options")
         add_dataclass_arguments(sub, cls.config_class, exclude=SAE_FILLED, title=f"{name} SAE options")
         add_dataclass_arguments(sub, TrainConfig, exclude=TRAIN_FILLED, title="training options")
@@ -102,9 +144,10 @@ def add_train(commands: Any) -> None:
 
 
 def run_train_command(args: argparse.Namespace) -> int:
+    import dataclasses
     import time
 
-    from .activations import hook_d_in
+    from .activations import hook_d_in, open_activations
     from .models import SAE
     from .pipeline import activation_source, check_inputs, load_language_model, training_batches
     from .training import Trainer
@@ -112,24 +155,33 @@ def run_train_command(args: argparse.Namespace) -> int:
     cls = _REGISTRY[args.architecture]
     with usage_errors():
         data = dataclass_from_args(DataConfig, args)
-        check_inputs(data)
+        stored = open_activations(args.activations, column=args.activations_column or None) if args.activations else None
+        if stored is None:
+            check_inputs(data)
+        else:  # train on every stored row
+            data = dataclasses.replace(data, train_tokens=len(stored))
         out = Path(args.out or f"runs/train-{args.architecture}-{time.strftime('%Y%m%d-%H%M%S')}")
         train_cfg = dataclass_from_args(TrainConfig, args, total_steps=data.steps(), run_dir=str(out),
                                         progress=data.progress, seed=data.seed)
         if out.exists() and any(out.iterdir()) and not train_cfg.resume:
             raise FileExistsError(f"run folder {out} already exists and is not empty; pass --resume or another --out")
     args.resume_hint = f"the same command with --resume --out {out}"
-    lm = load_language_model(data)
-    hook = data.resolved_hook()
+    if stored is None:
+        lm = load_language_model(data)
+        hook, model_name = data.resolved_hook(), data.model
+    else:  # no language model: the activations are already there
+        lm, hook, model_name = None, data.hook_name or stored.hook_name, stored.model_name or data.model
     with usage_errors():
-        d_in = hook_d_in(lm, hook)
+        d_in = hook_d_in(lm, hook) if lm is not None else stored.d_in
         sae = cls(dataclass_from_args(cls.config_class, args, d_in=d_in, device=data.resolved_device(),
-                                      hook_name=hook, model_name=data.model))
+                                      hook_name=hook, model_name=model_name))
         trainer = Trainer(sae, train_cfg)
-    source = activation_source(data, lm, d_in, out / "activations")
+    source = activation_source(data, lm, d_in, out / "activations") if stored is None else stored
     trainer.fit(training_batches(data, source))
     print(f"saved {out / 'sae'}")
-    if args.eval:
+    if args.eval and lm is None:
+        print(f"not evaluated: trained from stored activations without a language model; run `switch-sae eval {out} --model ...`")
+    elif args.eval:
         evaluate_and_save(SAE.load(out / "sae", device=data.resolved_device()), lm, data, out)
     return 0
 
@@ -206,6 +258,52 @@ def run_analyze_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_dashboard(commands: Any) -> None:
+    from .dashboard import DashboardConfig
+
+    parser = commands.add_parser(
+        "dashboard", help="a static site showing every feature: top contexts, histograms, logit effects, experts",
+        description="Read held-out tokens through the model and a saved SAE in one pass and write a static "
+        "site (no server needed: open index.html) with a sortable, searchable table of every feature, a page "
+        "per feature (top-activating and quantile-sampled contexts, activation histogram, logit effects, "
+        "nearest features) and, for Switch SAEs, expert pages.",
+    )
+    parser.add_argument("sae_dir", metavar="RUN_OR_SAE", help="saved SAE folder, or a run folder holding one")
+    parser.add_argument("--out", default="", help="output folder (default: dashboard/ inside RUN_OR_SAE)")
+    add_dataclass_arguments(parser, DataConfig, exclude=EVAL_UNUSED + ("eval_contexts",), title="data options")
+    add_dataclass_arguments(parser, DashboardConfig, title="dashboard options")
+    parser.set_defaults(handler=run_dashboard_command)
+
+
+def run_dashboard_command(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .dashboard import DashboardConfig, build_dashboard
+    from .evals.report import find_sae_dir
+    from .models import SAE
+    from .pipeline import check_inputs, eval_tokens, load_language_model
+
+    with usage_errors():
+        if not Path(args.sae_dir).is_dir():
+            raise FileNotFoundError(f"{args.sae_dir} is not a folder")
+        cfg = dataclass_from_args(DashboardConfig, args)
+        data = dataclass_from_args(DataConfig, args)
+        data = dataclasses.replace(data, eval_contexts=-(-cfg.tokens // (data.context_size - 1)))
+        check_inputs(data)
+        folder = find_sae_dir(Path(args.sae_dir))
+        sae = SAE.load(folder, device=data.resolved_device())
+        out = Path(args.out or Path(args.sae_dir) / "dashboard")
+    lm = load_language_model(data)
+    hook = data.hook_name or sae.cfg.hook_name or data.resolved_hook()
+    with usage_errors():
+        tokens = eval_tokens(data, lm)
+    index = build_dashboard(sae, lm, tokens, hook, out, cfg, title=f"{folder.name} · {sae.architecture} SAE",
+                            model_name=data.model, harvest_batch=data.harvest_batch, seed=data.seed,
+                            progress=data.progress)
+    print(f"wrote {index}")
+    return 0
+
+
 def add_bench(commands: Any) -> None:
     from .bench import add_arguments
 
@@ -228,16 +326,37 @@ def run_bench_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------ selftest
+
+
+def add_selftest(commands: Any) -> None:
+    parser = commands.add_parser(
+        "selftest", help="check every compiled op on this device against reference.py",
+        description="Run every compiled op on sample shapes against its PyTorch twin: forward, gradients, "
+        "determinism. Run it first on a new GPU. Exits 1 on any mismatch.",
+    )
+    parser.add_argument("--device", default=None, help="cpu or cuda[:N] (default: cuda if present, else cpu)")
+    parser.set_defaults(handler=run_selftest_command)
+
+
+def run_selftest_command(args: argparse.Namespace) -> int:
+    from .self_test import selftest
+
+    with usage_errors():
+        report = selftest(args.device)
+    return 0 if report.ok else 1
+
+
 # ------------------------------------------------------------------ entry point
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="switch-sae",
-        description="Switch sparse autoencoders: train, evaluate, analyse, benchmark, or run the demo.",
+        description="Switch sparse autoencoders: train, evaluate, analyse, browse features, benchmark, self-test, run the demo or reproduce the paper.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (add_demo, add_train, add_eval, add_analyze, add_bench):
+    for add in (add_demo, add_reproduce, add_train, add_eval, add_analyze, add_dashboard, add_bench, add_selftest):
         add(commands)
     return parser
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import platform
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ COLUMNS = (
     ("MSE", "mse", "{:.4g}"),
     ("FVE", "fve", "{:.3f}"),
     ("L0", "l0", "{:.1f}"),
+    ("unseen", "unseen_fraction", "{:.1%}"),
+    ("floor", "unseen_floor", "{:.1%}"),
     ("dead", "dead_fraction", "{:.1%}"),
     ("LR zero", "loss_recovered", "{:.3f}"),
     ("LR mean", "loss_recovered_mean", "{:.3f}"),
@@ -48,10 +51,10 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
-def format_table(rows: list[dict[str, Any]], *, markdown: bool = False) -> str:
-    """The comparison table: aligned plain text, or a Markdown table."""
-    headers = [h for h, _, _ in COLUMNS]
-    cells = [[_cell(r, key, fmt) for _, key, fmt in COLUMNS] for r in rows]
+def format_table(rows: list[dict[str, Any]], *, markdown: bool = False, columns: Sequence[tuple[str, str, str]] = COLUMNS) -> str:
+    """The comparison table: aligned plain text, or a Markdown table; ``columns`` as ``COLUMNS``."""
+    headers = [h for h, _, _ in columns]
+    cells = [[_cell(r, key, fmt) for _, key, fmt in columns] for r in rows]
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
@@ -63,8 +66,11 @@ def format_table(rows: list[dict[str, Any]], *, markdown: bool = False) -> str:
 
 LEGEND = """\
 - **MSE**: squared reconstruction error summed over d_in, mean over tokens; **FVE**: fraction of variance explained.
-- **L0**: active features per token, counted on the sparse code; **dead**: features that never fired on the eval tokens
-  (with few eval tokens this overstates truly dead features: 1024 tokens x k=32 can reach at most 32768 features).
+- **L0**: active features per token, counted on the sparse code.
+- **unseen**: features that never fired on the eval tokens; **floor**: the unseen fraction a perfectly healthy SAE would
+  show on as many tokens, (1 - L0/d_sae)^tokens (unseen near the floor means the eval set is too small to tell).
+  **dead**: features silent over 10 d_sae / L0 tokens (a healthy feature is missed with odds e^-10), from the eval
+  tokens when there are that many, else from the training run's dead-latent tracker; "-" when neither saw enough tokens.
 - **LR zero / LR mean**: fraction of the next-token cross-entropy loss recovered when the reconstruction is patched in,
   relative to patching zeros / the mean activation: (CE_ablated - CE_sae) / (CE_ablated - CE_clean).
 - **KL**: KL divergence of the patched model's next-token distribution from the clean one (nats per token).

@@ -3,6 +3,9 @@
 After ``import switch_sae`` the compiled ops are callable as ``torch.ops.switch_sae.<op>``
 from any codebase; the wrappers below add docstrings and fall back to
 ``switch_sae.reference`` (warning once) when the compiled extension is not installed.
+``SWITCH_SAE_BACKEND=reference``, ``set_backend("reference")`` or ``with
+use_backend("reference"):`` route the wrappers (and so every model) to the PyTorch twins
+on any device, so a user can keep working while a kernel is suspect.
 Schemas live in ``csrc/registration.cpp``; semantics are those of ``reference.py``.
 
 What it leaves out: routing (``reference.route``, ordinary autograd) and the gate/merge
@@ -11,9 +14,11 @@ step, which are small dense tensor operations left to the model.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor
@@ -58,6 +63,49 @@ def _load_extension() -> bool:
 HAS_EXTENSION = _load_extension()
 _warned = False
 
+BACKENDS = ("extension", "reference")
+
+
+def _check_backend(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source} must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_backend = _check_backend(os.environ.get("SWITCH_SAE_BACKEND", "extension"), "SWITCH_SAE_BACKEND")
+
+
+def set_backend(name: str) -> None:
+    """Run the op wrappers on ``"extension"`` (the compiled kernels, when installed; the
+    default) or ``"reference"`` (the plain PyTorch twins in ``reference.py``, any device)."""
+    global _backend
+    _backend = _check_backend(name, "backend")
+
+
+def get_backend() -> str:
+    """The backend ``set_backend`` chose (``"extension"`` falls back when it is not installed)."""
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """``with use_backend("reference"):`` runs the enclosed ops on that backend."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _compiled() -> bool:
+    """Whether the wrappers call the compiled ops now; warns once if they cannot."""
+    if _backend == "reference":
+        return False
+    if not HAS_EXTENSION:
+        _warn_reference_once()
+    return HAS_EXTENSION
+
 
 def _warn_reference_once() -> None:
     global _warned
@@ -66,7 +114,7 @@ def _warn_reference_once() -> None:
         warnings.warn(
             "switch_sae: the compiled extension is not available, running the slow plain "
             f"PyTorch reference ops instead. {REBUILD_HINT}",
-            stacklevel=3,
+            stacklevel=4,
         )
 
 
@@ -77,27 +125,64 @@ def with_cuda() -> bool:
 
 # ---------------------------------------------------------------- fake kernels and autograd
 
+
+def check_one_device(**tensors: Tensor | None) -> None:
+    """Raise, naming the stray argument, unless every given tensor is on the first one's device.
+
+    The fake kernels below also serve the ``Meta`` dispatch key, which the dispatcher
+    picks as soon as *any* argument is on ``meta``: without this check a call with only
+    ``W_dec`` on meta would return uninitialised CPU memory instead of an error.
+    """
+    named = [(name, t) for name, t in tensors.items() if t is not None]
+    ref_name, ref = named[0]
+    for name, t in named[1:]:
+        if t.device != ref.device:
+            raise RuntimeError(
+                f"switch_sae: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+                "they must be on the same device"
+            )
+
+
+def check_routing_sizes(n_active: int, n_experts: int, k: int | None = None, d_expert: int | None = None):
+    """The integer arguments that set output shapes, bounded as the compiled kernels bound them."""
+    if not 1 <= n_active <= n_experts:
+        raise RuntimeError(
+            f"switch_sae: n_active = {n_active} must be in [1, n_experts = W_enc.size(0) = {n_experts}]: "
+            "each token goes to n_active distinct experts"
+        )
+    if k is not None and not 1 <= k <= d_expert:
+        raise RuntimeError(f"switch_sae: k = {k} must be in [1, d_expert = W_enc.size(1) = {d_expert}]")
+
+
 if HAS_EXTENSION:
 
     @torch.library.register_fake("switch_sae::dispatch")
     def _dispatch_fake(experts: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
+        if not 1 <= n_experts < 2**31:
+            raise RuntimeError(f"switch_sae: n_experts = {n_experts} must be in [1, 2^31 - 1]")
         return experts.new_empty(experts.shape[0]), experts.new_empty(n_experts + 1)
 
     @torch.library.register_fake("switch_sae::encode_topk")
     def _encode_topk_fake(x, W_enc, b_enc, b_dec, order, offsets, n_active, k, tile_rows):
+        check_one_device(x=x, W_enc=W_enc, b_enc=b_enc, b_dec=b_dec, order=order, offsets=offsets)
+        check_routing_sizes(n_active, W_enc.shape[0], k, W_enc.shape[1])
         rows = x.shape[0] * n_active
         return x.new_empty(rows, k), order.new_empty(rows, k)
 
     @torch.library.register_fake("switch_sae::encode_backward")
     def _encode_backward_fake(grad_values, values, indices, x, W_enc, b_dec, n_active):
+        check_one_device(values=values, grad_values=grad_values, indices=indices, x=x, W_enc=W_enc, b_dec=b_dec)
+        check_routing_sizes(n_active, W_enc.shape[0])
         return torch.empty_like(x), torch.empty_like(W_enc), W_enc.new_empty(W_enc.shape[:2])
 
     @torch.library.register_fake("switch_sae::decode")
     def _decode_fake(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
+        check_one_device(values=values, indices=indices, W_dec=W_dec)
         return values.new_empty(values.shape[0], W_dec.shape[1])
 
     @torch.library.register_fake("switch_sae::decode_backward")
     def _decode_backward_fake(grad_out, values, indices, W_dec):
+        check_one_device(values=values, grad_out=grad_out, indices=indices, W_dec=W_dec)
         return torch.empty_like(values), torch.empty_like(W_dec)
 
     def _encode_topk_setup(ctx, inputs, output):
@@ -141,9 +226,8 @@ if HAS_EXTENSION:
 
 def dispatch(experts: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
     """Group (token, expert) pairs by expert. See ``reference.dispatch``."""
-    if HAS_EXTENSION:
+    if _compiled():
         return torch.ops.switch_sae.dispatch(experts, n_experts)
-    _warn_reference_once()
     return reference.dispatch(experts, n_experts)
 
 
@@ -159,11 +243,10 @@ def encode_topk(
     tile_rows: int = 1024,
 ) -> tuple[Tensor, Tensor]:
     """Routed encoder, TopK(k), ReLU, in tiles. See ``reference.encode_topk``."""
-    if HAS_EXTENSION:
+    if _compiled():
         return torch.ops.switch_sae.encode_topk(
             x, W_enc, b_enc, b_dec, order, offsets, n_active, k, tile_rows
         )
-    _warn_reference_once()
     # The compiled op is not autocast-aware (it runs in its inputs' dtype); the reference
     # must do the same rather than let autocast lower some of its products.
     with torch.autocast(x.device.type, enabled=False):
@@ -172,26 +255,23 @@ def encode_topk(
 
 def decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
     """Sparse gather-sum decoder. See ``reference.decode``."""
-    if HAS_EXTENSION:
+    if _compiled():
         return torch.ops.switch_sae.decode(values, indices, W_dec)
-    _warn_reference_once()
     with torch.autocast(values.device.type, enabled=False):  # as in encode_topk
         return reference.decode(values, indices, W_dec)
 
 
 def decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor):
     """Gradients of ``decode``. See ``reference.decode_backward``."""
-    if HAS_EXTENSION:
+    if _compiled():
         return torch.ops.switch_sae.decode_backward(grad_out, values, indices, W_dec)
-    _warn_reference_once()
     return reference.decode_backward(grad_out, values, indices, W_dec)
 
 
 def encode_backward(grad_values, values, indices, x, W_enc, b_dec, n_active: int):
     """Gradients of ``encode_topk``. See ``reference.encode_backward``."""
-    if HAS_EXTENSION:
+    if _compiled():
         return torch.ops.switch_sae.encode_backward(
             grad_values, values, indices, x, W_enc, b_dec, n_active
         )
-    _warn_reference_once()
     return reference.encode_backward(grad_values, values, indices, x, W_enc, b_dec, n_active)

@@ -35,6 +35,22 @@ def dispatch(experts: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
     return order, offsets
 
 
+def topk(pre: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The k first entries of the last dim of ``pre`` by the TopK rule of every kernel.
+
+    The rule: larger values first, NaN above every number (as ``torch.topk``), and equal
+    values (``-0.0 == +0.0``) by lower index. It fixes both which features are chosen
+    and their order, so the CPU and CUDA kernels choose the same features even where
+    bfloat16 rounding makes many pre-activations tie exactly. ``torch.topk`` leaves ties
+    unspecified (its CPU and CUDA kernels differ); a stable descending sort does not.
+
+    Returns:
+        values, indices: ``[..., k]`` each.
+    """
+    ordered = torch.sort(pre, dim=-1, descending=True, stable=True)
+    return ordered.values[..., :k], ordered.indices[..., :k]
+
+
 def encode_topk(
     x: Tensor,
     W_enc: Tensor,
@@ -53,7 +69,8 @@ def encode_topk(
         b_enc: ``[n_experts, d_expert]`` or None; b_dec: ``[d_in]`` (the pre-bias);
         order, offsets: from ``dispatch``; tile_rows: ignored here (a kernel tiling knob).
     Returns:
-        values: ``[rows, k]`` post-ReLU activations, sorted descending per row, not gated.
+        values: ``[rows, k]`` post-ReLU activations, in the order of ``topk`` (descending,
+            ties by lower feature id), not gated.
         indices: ``[rows, k]`` int64 global feature ids ``expert * d_expert + local``.
     """
     n_experts, d_expert, _ = W_enc.shape
@@ -66,9 +83,9 @@ def encode_topk(
         pre = x_centered[pairs // n_active] @ W_enc[e].T  # [rows_e, d_expert]
         if b_enc is not None:
             pre = pre + b_enc[e]
-        top = torch.topk(pre, k, dim=-1)
-        values[pairs] = torch.relu(top.values)
-        indices[pairs] = top.indices + e * d_expert
+        top_values, top_local = topk(pre, k)
+        values[pairs] = torch.relu(top_values)
+        indices[pairs] = top_local + e * d_expert
     return values, indices
 
 
@@ -137,21 +154,33 @@ def encode_backward(
     )
 
 
+GATES = ("prob", "renormalized")
+
+
 def route(
-    x: Tensor, W_router: Tensor, b_router: Tensor, n_active: int
+    x: Tensor, W_router: Tensor, b_router: Tensor, n_active: int, gate: str = "prob"
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Router of the paper: ``probs = softmax((x - b_router) @ W_router.T)``, top-n_active.
 
-    The gate of a selected expert is its (not renormalised) probability, so with one
-    active expert the gate is ``p_max`` and the router learns from reconstruction.
+    ``gate`` says how a selected expert's values are scaled:
+
+    - ``"prob"`` (the paper): by its router probability, not renormalised, so with one
+      active expert the gate is ``p_max`` and the router learns from reconstruction;
+    - ``"renormalized"`` (Scale SAE): by its probability divided by the sum over the
+      selected experts, so the gates of a token sum to 1. With one active expert the gate
+      is then always 1 and only the load-balancing loss trains the router.
 
     Returns:
         probs: ``[batch, n_experts]`` (float32 or wider); gates: ``[batch, n_active]``;
         experts: ``[batch, n_active]`` int64.
     """
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
     logits = (x - b_router) @ W_router.T  # [batch, n_experts]
     probs = torch.softmax(logits.float() if logits.dtype in (torch.bfloat16, torch.float16) else logits, dim=-1)
     gates, experts = torch.topk(probs, n_active, dim=-1)
+    if gate == "renormalized":
+        gates = gates / gates.sum(-1, keepdim=True)  # [batch, n_active]
     return probs, gates, experts
 
 
@@ -165,6 +194,7 @@ def switch_forward(
     b_dec: Tensor,
     k: int,
     n_active: int = 1,
+    gate: str = "prob",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The whole Switch SAE forward, dense-and-mask, as the paper's reference code does it.
 
@@ -175,23 +205,23 @@ def switch_forward(
     Args:
         x: ``[batch, d_in]``; W_enc, W_dec: ``[n_experts, d_expert, d_in]``;
         b_enc: ``[n_experts, d_expert]`` or None; W_router: ``[n_experts, d_in]``;
-        b_router, b_dec: ``[d_in]``.
+        b_router, b_dec: ``[d_in]``; gate: as in ``route``.
     Returns:
         x_hat ``[batch, d_in]``, values ``[batch, k]`` (gated, descending), indices
         ``[batch, k]``, router probs ``[batch, n_experts]``, experts ``[batch, n_active]``.
     """
     n_experts, d_expert, d_in = W_enc.shape
-    probs, gates, experts = route(x, W_router, b_router, n_active)
+    probs, gates, experts = route(x, W_router, b_router, n_active, gate)
     pre = torch.einsum("bd,efd->bef", x - b_dec, W_enc)  # [batch, n_experts, d_expert]
     if b_enc is not None:
         pre = pre + b_enc
     # Per selected expert: TopK, ReLU, gate. Unselected experts contribute nothing.
     gate_full = torch.zeros_like(probs).scatter(1, experts, gates)  # [batch, n_experts]
     selected = torch.zeros_like(probs, dtype=torch.bool).scatter(1, experts, True)
-    top = torch.topk(pre, k, dim=-1)  # per expert, [batch, n_experts, k]
-    gated = torch.relu(top.values) * gate_full.to(pre.dtype).unsqueeze(-1)
+    top_values, top_local = topk(pre, k)  # per expert, [batch, n_experts, k]
+    gated = torch.relu(top_values) * gate_full.to(pre.dtype).unsqueeze(-1)
     gated = torch.where(selected.unsqueeze(-1), gated, torch.full_like(gated, -1.0))
-    global_ids = top.indices + torch.arange(n_experts, device=x.device).unsqueeze(-1) * d_expert
+    global_ids = top_local + torch.arange(n_experts, device=x.device).unsqueeze(-1) * d_expert
     values, pos = torch.topk(gated.flatten(1), k, dim=-1)  # [batch, k]
     indices = global_ids.flatten(1).gather(1, pos)
     x_hat = decode(values, indices, W_dec.reshape(n_experts * d_expert, d_in)) + b_dec

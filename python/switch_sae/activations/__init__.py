@@ -3,7 +3,8 @@
 ``text`` makes fixed-length token contexts from strings, files or HF datasets; ``harvest``
 runs a TransformerLens model up to the hook and returns the activations; ``buffer``
 shuffles them into training batches; ``cache`` stores them on disk for reuse;
-``default_model`` provides a real model and text that work offline.
+``default_model`` provides a real model and text that work offline; ``stored`` reads
+activations stored elsewhere (shards, SAELens datasets) for training without a model.
 """
 
 from .buffer import ShufflingBuffer
@@ -18,6 +19,7 @@ from .default_model import (
     load_model,
 )
 from .harvest import harvest, hook_d_in, hook_layer, iter_activations, stop_layer
+from .stored import StoredActivations, open_activations
 from .text import batched, bos_settings, iter_contexts, iter_documents, load_tokens
 
 __all__ = [
@@ -27,6 +29,7 @@ __all__ = [
     "DEFAULT_HOOK",
     "DEFAULT_MODEL_NAME",
     "ShufflingBuffer",
+    "StoredActivations",
     "batched",
     "bos_settings",
     "build_cache",
@@ -42,5 +45,6 @@ __all__ = [
     "load_default_model",
     "load_model",
     "load_tokens",
+    "open_activations",
     "stop_layer",
 ]

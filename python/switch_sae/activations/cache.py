@@ -16,13 +16,16 @@ that names the field, never silent mixing.
 
 bfloat16 has no NumPy dtype: it is stored as its raw 16 bits (uint16) and viewed back.
 
+Reads are checked: every shard's dtype and shape against the manifest when it is opened,
+and its SHA-256 once per process, on first read (``verify=True`` checks all of them up
+front). A writer checks the shards already listed before it appends to a cache. Every
+error names the shard file.
+
 What it leaves out: shuffling (``buffer``; pass the cache as the buffer's source).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -33,12 +36,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..io import atomic_write, atomic_write_json
+from ..io import DamagedFileError, atomic_write, atomic_write_json, check_sha256, read_json_object, sha256_file
+from ..typed_config import config_from_dict
 from .harvest import iter_activations
 
 MANIFEST = "manifest.json"
 FORMAT = "switch_sae.activation_cache/1"
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "float64": torch.float64, "bfloat16": torch.bfloat16}
+_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "float64": np.float64, "bfloat16": np.uint16}
+_SHARD_FIELDS = {"file": str, "rows": int, "contexts": int, "sha256": str}
 
 
 @dataclass
@@ -99,18 +105,54 @@ class Manifest:
 
     @classmethod
     def read(cls, directory: Path) -> Manifest:
-        data = json.loads((directory / MANIFEST).read_text())
+        path = directory / MANIFEST
+        data = read_json_object(path)
         if data.get("format") != FORMAT:
-            raise ValueError(f"{directory / MANIFEST} is not a {FORMAT} manifest (format={data.get('format')!r})")
-        return cls(CacheSpec(**data["spec"]), list(data["shards"]), bool(data["complete"]))
+            raise DamagedFileError(f"{path} is not a {FORMAT} manifest (format={data.get('format')!r})")
+        spec = config_from_dict(CacheSpec, data.get("spec"), path)
+        shards, complete = data.get("shards"), data.get("complete")
+        if not isinstance(shards, list) or not isinstance(complete, bool):
+            raise DamagedFileError(f"{path}: 'shards' must be a list and 'complete' a boolean")
+        for number, shard in enumerate(shards):
+            ok = isinstance(shard, dict) and all(
+                isinstance(shard.get(k), t) and not isinstance(shard.get(k), bool) for k, t in _SHARD_FIELDS.items()
+            )
+            if not ok or shard["file"] != f"shard_{number:05d}.npy" or shard["rows"] < 0 or shard["contexts"] < 0:
+                raise DamagedFileError(f"{path}: shard entry {number} is malformed: {shard!r}")
+        return cls(spec, list(shards), complete)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
+# Shards whose checksum this process has already checked, by (path, sha256, size, mtime):
+# a shard is hashed once per process, and again only if its file changes.
+_VERIFIED: set[tuple[str, str, int, int]] = set()
+
+
+def _verify_once(path: Path, shard: dict[str, Any], manifest_path: Path) -> None:
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        raise DamagedFileError(f"activation cache shard {path} is missing (it is listed in {manifest_path})") from None
+    key = (str(path.resolve()), shard["sha256"], stat.st_size, stat.st_mtime_ns)
+    if key not in _VERIFIED:
+        check_sha256(path, shard["sha256"], manifest_path)
+        _VERIFIED.add(key)
+
+
+def open_shard(directory: Path, shard: dict[str, Any], spec: CacheSpec) -> np.ndarray:
+    """Memory-map one shard after checking its checksum (once per process), dtype and shape."""
+    path = directory / shard["file"]
+    _verify_once(path, shard, directory / MANIFEST)
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise DamagedFileError(f"activation cache shard {path} is not a readable .npy file: {err}") from err
+    expected = (np.dtype(_NUMPY_DTYPES[spec.dtype]), (shard["rows"], spec.d_in))
+    if (array.dtype, array.shape) != expected or not array.flags.c_contiguous:
+        raise DamagedFileError(
+            f"activation cache shard {path} holds {array.dtype} {array.shape} but {directory / MANIFEST} "
+            f"says {expected[0]} {expected[1]} ({spec.dtype}, C order)"
+        )
+    return array
 
 
 def _to_numpy(rows: Tensor) -> np.ndarray:
@@ -128,14 +170,15 @@ def check_spec(found: CacheSpec, expected: CacheSpec, where: Path) -> None:
         if getattr(found, name) != getattr(expected, name)
     ]
     if diffs:
-        raise ValueError(f"activation cache {where} does not match: " + "; ".join(diffs) + ". Use another folder or delete it.")
+        raise ValueError(f"activation cache {where / MANIFEST} does not match: " + "; ".join(diffs) + ". Use another folder or delete it.")
 
 
 class ActivationCache:
     """Read a cache folder: ``len``, ``cache[i]`` rows, and iteration over shards as tensors.
 
     Shards are memory-mapped, so opening a cache bigger than RAM is fine; ``expect`` checks
-    the spec, ``verify=True`` recomputes every checksum.
+    the spec. Each shard's checksum is checked on its first read in this process;
+    ``verify=True`` checks every shard when the cache is opened instead.
     """
 
     def __init__(self, directory: str | Path, *, expect: CacheSpec | None = None, verify: bool = False) -> None:
@@ -162,17 +205,14 @@ class ActivationCache:
         return self.manifest.n_tokens
 
     def verify(self) -> None:
+        """Check every shard's checksum, dtype and shape; raise naming the first bad shard."""
         for shard in self.manifest.shards:
-            path = self.directory / shard["file"]
-            if not path.is_file():
-                raise RuntimeError(f"activation cache shard {path} is missing")
-            if _sha256(path) != shard["sha256"]:
-                raise RuntimeError(f"activation cache shard {path} is corrupt: its checksum does not match the manifest")
+            open_shard(self.directory, shard, self.spec)
 
     def shard(self, i: int) -> Tensor:
         """Shard ``i`` as a ``[rows, d_in]`` tensor backed by the memory map (read-only)."""
         if self._arrays[i] is None:
-            self._arrays[i] = np.load(self.directory / self.manifest.shards[i]["file"], mmap_mode="r")
+            self._arrays[i] = open_shard(self.directory, self.manifest.shards[i], self.spec)
         with warnings.catch_warnings():  # torch warns on read-only memory; these are only read
             warnings.simplefilter("ignore", UserWarning)
             tensor = torch.from_numpy(self._arrays[i])
@@ -205,9 +245,8 @@ class CacheWriter:
         if (self.directory / MANIFEST).is_file():
             self.manifest = Manifest.read(self.directory)
             check_spec(self.manifest.spec, spec, self.directory)
-            for shard in self.manifest.shards:
-                if not (self.directory / shard["file"]).is_file():
-                    raise RuntimeError(f"cannot resume {self.directory}: listed shard {shard['file']} is missing")
+            for shard in self.manifest.shards:  # never append to a cache that is already damaged
+                open_shard(self.directory, shard, self.manifest.spec)
             for stray in self.directory.glob(".shard_*.tmp"):  # left by a crash mid-write
                 stray.unlink()
         else:
@@ -230,7 +269,7 @@ class CacheWriter:
                 np.save(f, array)
 
         atomic_write(path, write)
-        self.manifest.shards.append({"file": path.name, "rows": int(rows.shape[0]), "contexts": int(contexts), "sha256": _sha256(path)})
+        self.manifest.shards.append({"file": path.name, "rows": int(rows.shape[0]), "contexts": int(contexts), "sha256": sha256_file(path)})
         self._write_manifest()
 
     def finish(self) -> None:

@@ -1,4 +1,4 @@
-"""Benchmarks of switch_sae against the alternatives (issue 8): validate, then time.
+"""Benchmarks of switch_sae against the alternatives: validate, then time.
 
 ``run_benchmarks(args)`` is what ``switch-sae bench`` and ``benchmarks/run.py`` call; it
 returns the list of result records and writes ``latest.json``, ``summary.md`` and PNG

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .. import reference
 from ..models.switch import SwitchSAE, SwitchSAEConfig
-from ..training.losses import load_balancing, mse
+from ..models.losses import load_balancing, mse
 from .measure import check_close
 
 LR = 1e-4  # any small rate: the step's cost does not depend on it

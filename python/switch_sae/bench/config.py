@@ -1,6 +1,6 @@
 """What a benchmark run measures: shapes, which cases, and how hard to time them.
 
-The defaults are the CPU-sized shapes of issue 8 (d_in 512, batch 4096, k 32,
+The defaults are the CPU-sized target shapes (d_in 512, batch 4096, k 32,
 d_sae 2^16, n_experts 1/4/16/64); ``QUICK`` is a preset of tiny shapes that runs in
 seconds, for smoke tests. What it leaves out: running anything (``runner.py``).
 """

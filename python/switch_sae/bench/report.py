@@ -1,5 +1,5 @@
 """Human-readable views of benchmark records: the per-record table and the ratio table
-that issue 8's targets are judged on.
+that the speed targets are judged on.
 
 Targets: (1) at n_experts 16 and 64 the step is >= 0.5 * n_experts times faster than the
 dense-and-mask reference, and faster than sae-lens's width-matched TopK by a similar

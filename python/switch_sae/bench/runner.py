@@ -104,7 +104,7 @@ def summary(records: list[dict]) -> str:
     return "\n\n".join([
         "# switch_sae benchmark results",
         f"Machine: {report.machine_line(records)}" + (f"; peers: {peers}" if peers else ""),
-        "## Ratios (issue 8 targets)", report.ratio_table(records),
+        "## Ratios against the targets", report.ratio_table(records),
         "## Training step by phase", report.phase_table(records),
         "## Peak memory of a step against batch", report.memory_table(records),
         "## All records", report.records_table(records),
@@ -142,7 +142,7 @@ def run_benchmarks(args: argparse.Namespace | BenchConfig | None = None) -> list
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description="Time switch_sae against the alternatives (issue 8).")
+    parser = argparse.ArgumentParser(description="Time switch_sae against the alternatives.")
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:

@@ -1,12 +1,13 @@
 """Evaluating SAEs: reconstruction, sparsity, routing, and loss recovered in the model.
 
-``evaluate(sae, model, tokens, hook_name) -> EvalResult`` is the entry point; ``metrics``
-(reconstruction and sparsity), ``patching`` (loss recovered, KL) and ``experts`` (router
-statistics) are its parts. Feature geometry, FLOP accounting and plots are separate modules
-of this package.
+``evaluate(sae, model, tokens, hook_name) -> EvalResult`` is the entry point, and
+``evaluate_many(saes, ...)`` scores several SAEs sharing the model's own passes; ``metrics``
+(reconstruction and sparsity), ``dead`` (dead against unseen latents), ``patching`` (loss
+recovered, KL) and ``experts`` (router statistics) are its parts. Feature geometry, FLOP
+accounting and plots are separate modules of this package.
 """
 
-from .evaluate import EvalResult, evaluate, mean_activation
+from .evaluate import EvalResult, evaluate, evaluate_many, mean_activation
 from .metrics import ReconstructionMetrics, ReconstructionResult
 from .patching import PatchingMetrics, PatchingResult
 
@@ -17,12 +18,15 @@ __all__ = [
     "ReconstructionMetrics",
     "ReconstructionResult",
     "evaluate",
+    "evaluate_many",
     "mean_activation",
 ]
 
 # Feature geometry, router statistics, FLOP accounting, plots and the analyze report.
 from .experts import ExpertStats, ExpertStatsAccumulator, expert_stats
-from .flops import FlopCount, SAEShape, flop_count, flop_matched_config, parameter_count, training_flops, width_matched_config
+from .flops import (
+    FlopCount, SAEShape, flop_count, flop_matched_config, make_saes, parameter_count, training_flops, width_matched_config,
+)
 from .geometry import (
     DuplicateGroup, NearestNeighbours, duplicate_fraction, duplicate_groups, expert_similarity, nearest_neighbours,
     random_block_similarity, tsne_embedding,
@@ -43,6 +47,7 @@ __all__ += [
     "expert_stats",
     "flop_count",
     "flop_matched_config",
+    "make_saes",
     "nearest_neighbours",
     "parameter_count",
     "random_block_similarity",

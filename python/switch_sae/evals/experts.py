@@ -6,7 +6,9 @@ Accumulates, from ``ForwardOutput``s (``router_probs [batch, n_experts]`` and
 - load: fraction of tokens routed to each expert (sums to ``n_active``), and its entropy;
 - mean router probability per expert, mean per-token router entropy (nats and / log N);
 - the Switch-Transformer balance term ``N * sum_i f_i P_i`` (1 at perfect balance), with
-  ``f`` the top-1 load, as the paper's load-balancing loss measures it;
+  ``f`` defined once for training and evaluation by ``models.losses.expert_load`` (the
+  share of (token, expert) pairs, counting every selected expert; the paper's top-1 load
+  when ``n_active = 1``);
 - co-activation ``[n_experts, n_experts]``: tokens that select both experts (the diagonal is
   the load count), and ``P(B selected | A selected)``, meaningful for ``n_active > 1``.
 
@@ -23,6 +25,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from ..models.losses import expert_load
 
 
 @dataclass
@@ -41,7 +45,7 @@ class ExpertStats:
     router_entropy_normalised: float
     """router_entropy / log(n_experts): 0 = always certain, 1 = uniform."""
     balance_loss: float
-    """n_experts * sum_i f_i P_i with f the top-1 load; 1 at perfect balance."""
+    """n_experts * sum_i f_i P_i with f as training defines it (``models.losses.expert_load``); 1 at perfect balance."""
     coactivation: list[list[float]]
     """[n_experts, n_experts] tokens selecting both experts (diagonal: tokens selecting one)."""
     coactivation_conditional: list[list[float]]
@@ -60,7 +64,8 @@ class ExpertStatsAccumulator:
         self.n_experts = n_experts
         self.n_tokens = 0
         self.prob_sum = torch.zeros(n_experts, dtype=torch.float64)
-        self.top1_count = torch.zeros(n_experts, dtype=torch.float64)
+        self.pair_load = torch.zeros(n_experts, dtype=torch.float64)  # sum over batches of f * pairs
+        self.n_pairs = 0
         self.entropy_sum = 0.0
         self.coactivation = torch.zeros(n_experts, n_experts, dtype=torch.float64)
 
@@ -76,8 +81,9 @@ class ExpertStatsAccumulator:
         selected = torch.zeros_like(probs).scatter_(1, experts, 1.0)  # [batch, n_experts] 0/1
         self.n_tokens += probs.shape[0]
         self.prob_sum += probs.sum(0)
-        # experts[:, 0] is the top-1 choice: route() takes a descending topk of the probs.
-        self.top1_count += torch.bincount(experts[:, 0], minlength=self.n_experts).double()
+        # f of the whole set = pair-weighted mean of the batches' f
+        self.pair_load += expert_load(experts, self.n_experts).double() * experts.numel()
+        self.n_pairs += experts.numel()
         self.entropy_sum += float(-(probs * probs.clamp_min(1e-30).log()).sum())
         self.coactivation += selected.T @ selected
 
@@ -99,7 +105,7 @@ class ExpertStatsAccumulator:
             load_entropy=load_entropy,
             router_entropy=router_entropy,
             router_entropy_normalised=router_entropy / math.log(N) if N > 1 else 0.0,
-            balance_loss=float(N * ((self.top1_count / n) * mean_prob).sum()),
+            balance_loss=float(N * ((self.pair_load / self.n_pairs) * mean_prob).sum()),
             coactivation=self.coactivation.tolist(),
             coactivation_conditional=conditional.tolist(),
         )

@@ -16,8 +16,10 @@ What the counts assume about the implementation:
 - Adam costs ``ADAM_FLOPS_PER_PARAM`` per parameter per step.
 
 Two comparisons from the paper: *FLOP-matched* gives each expert the dense baseline's width
-(same encoder FLOPs per token, ``n_experts`` times the features); *width-matched* splits the
-baseline's ``d_sae`` over the experts (same features, ``n_experts`` times fewer encoder FLOPs).
+(same encoder FLOPs per token, ``n_experts`` times the features; with ``n_active`` experts per
+token each is ``1/n_active`` of it); *width-matched* splits the baseline's ``d_sae`` over the
+experts (same features, ``n_experts`` times fewer encoder FLOPs). ``make_saes`` builds the
+baseline and both counterparts.
 
 What it leaves out: memory traffic and measured speed (``benchmarks/``).
 """
@@ -28,8 +30,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..models.base import _REGISTRY
-from ..models.switch import SwitchSAEConfig
+import torch
+
+from ..models.base import _REGISTRY, SAE
+from ..models.switch import SwitchSAE, SwitchSAEConfig
 
 ARCHITECTURES = ("switch", "topk", "batchtopk", "relu", "jumprelu", "gated")
 SPARSE_FAMILY = ("switch", "topk", "batchtopk")
@@ -245,9 +249,17 @@ def _switch_like(baseline: Any, n_experts: int, d_expert: int, overrides: dict[s
 
 
 def flop_matched_config(baseline: Any, n_experts: int, **overrides: Any) -> SwitchSAEConfig:
-    """Switch config whose every expert is as wide as the dense ``baseline``: same encoder
-    FLOPs per token (plus a router of ``2 n_experts d_in``), ``n_experts`` times the features."""
-    return _switch_like(baseline, n_experts, shape_of(baseline).d_sae, overrides)
+    """Switch config with the dense ``baseline``'s encoder FLOPs per token (plus a router of
+    ``2 n_experts d_in``): each token's ``n_active`` experts together are as wide as the
+    baseline, so ``d_expert = d_sae / n_active`` and there are ``n_experts / n_active`` times
+    the features. With one active expert, each expert is as wide as the baseline (the paper)."""
+    d_sae, n_active = shape_of(baseline).d_sae, overrides.get("n_active", 1)
+    if not isinstance(n_active, int) or n_active < 1 or d_sae % n_active:
+        raise ValueError(
+            f"n_active={n_active!r} must be a positive integer dividing the baseline's d_sae={d_sae}: the "
+            "n_active experts a token uses share the baseline's encoder FLOPs, so each is d_sae / n_active wide"
+        )
+    return _switch_like(baseline, n_experts, d_sae // n_active, overrides)
 
 
 def width_matched_config(baseline: Any, n_experts: int, **overrides: Any) -> SwitchSAEConfig:
@@ -256,3 +268,24 @@ def width_matched_config(baseline: Any, n_experts: int, **overrides: Any) -> Swi
     if not isinstance(n_experts, int) or n_experts < 1 or d_sae % n_experts:
         raise ValueError(f"n_experts must be a positive integer dividing the baseline's d_sae={d_sae}, got {n_experts!r}")
     return _switch_like(baseline, n_experts, d_sae // n_experts, overrides)
+
+
+def make_saes(baseline: Any, n_experts: int, *, seed: int = 0, **switch_overrides: Any) -> dict[str, SAE]:
+    """The dense ``baseline`` (a TopK-family config) and its Switch counterparts, freshly
+    initialised: ``topk`` (or the baseline's architecture), ``switch-flop``
+    (``flop_matched_config``) and ``switch-width`` (``width_matched_config``).
+
+    Each SAE is initialised after ``torch.manual_seed(seed + i)``, ``i`` its position, so a
+    comparison is reproducible; ``switch_overrides`` go to both Switch configs (e.g. ``n_active``).
+    """
+    architecture = shape_of(baseline).architecture
+    configs = {
+        architecture: baseline,
+        "switch-flop": flop_matched_config(baseline, n_experts, **switch_overrides),
+        "switch-width": width_matched_config(baseline, n_experts, **switch_overrides),
+    }
+    saes = {}
+    for i, (name, cfg) in enumerate(configs.items()):
+        torch.manual_seed(seed + i)
+        saes[name] = SwitchSAE(cfg) if name.startswith("switch-") else _REGISTRY[architecture](cfg)
+    return saes

@@ -7,7 +7,8 @@ at most ``chunk_rows x d_sae`` similarities exist at once: with the default budg
 floats (128 MiB) a 2^17-feature dictionary is scanned in 256-row chunks, and a
 ``[d_sae, d_sae]`` matrix is never allocated.
 
-- ``nearest_neighbours``: per feature, the cosine to (and id of) its nearest other feature.
+- ``nearest_neighbours``: per feature, the cosine to (and id of) its nearest other feature;
+  ``top_neighbours`` the same for its ``n`` nearest.
 - ``duplicate_fraction``: fraction of features whose nearest neighbour exceeds a threshold.
 - ``duplicate_groups``: connected groups of features joined by cosine > threshold, with the
   expert of each member, so duplicates split across experts can be listed.
@@ -33,7 +34,7 @@ DEFAULT_BUDGET = 2**25  # similarities held at once: 128 MiB of float32
 
 
 class NearestNeighbours(NamedTuple):
-    """For each feature, its most similar other feature."""
+    """For each feature, its most similar other feature (or ``n`` of them, ``[d_sae, n]``)."""
 
     cos: Tensor  # [d_sae] cosine to the nearest other feature
     index: Tensor  # [d_sae] int64 id of that feature
@@ -102,6 +103,20 @@ def nearest_neighbours(source: Any, *, chunk_rows: int | None = None) -> Nearest
     index = torch.empty(W.shape[0], dtype=torch.int64, device=W.device)
     for start, chunk in _cosine_chunks(W, chunk_rows):
         best = chunk.max(dim=-1)
+        cos[start : start + chunk.shape[0]] = best.values
+        index[start : start + chunk.shape[0]] = best.indices
+    return NearestNeighbours(cos, index)
+
+
+def top_neighbours(source: Any, n: int, *, chunk_rows: int | None = None) -> NearestNeighbours:
+    """The ``n`` nearest other features (by cosine) of every feature: ``[d_sae, n]`` each, nearest first."""
+    W = directions(source)
+    if not isinstance(n, int) or not 1 <= n < W.shape[0]:
+        raise ValueError(f"n must be a positive integer below d_sae={W.shape[0]}, got {n!r}")
+    cos = torch.empty(W.shape[0], n, device=W.device)
+    index = torch.empty(W.shape[0], n, dtype=torch.int64, device=W.device)
+    for start, chunk in _cosine_chunks(W, chunk_rows):
+        best = chunk.topk(n, dim=-1)
         cos[start : start + chunk.shape[0]] = best.values
         index[start : start + chunk.shape[0]] = best.indices
     return NearestNeighbours(cos, index)

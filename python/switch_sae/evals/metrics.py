@@ -16,8 +16,10 @@ fire count per latent), so the eval set can be as large as the model can run:
 - ``cosine``: mean over tokens of ``cos(x, x_hat)``; ``l2_ratio``: mean ``||x_hat|| / ||x||``;
 - ``l0``: mean number of nonzero entries of the sparse code (``code.values``), or of the
   positive entries of a dense ``acts``; never the pre-TopK activations;
-- ``dead_fraction``: latents that never fire on any eval token; ``dense_fraction``:
-  latents that fire on more than ``dense_threshold`` of the tokens.
+- ``unseen_fraction``: latents that never fire on any eval token, and ``unseen_floor``, the
+  fraction a perfectly healthy SAE would leave unseen on as many tokens (``dead`` says when
+  unseen may be called dead); ``dense_fraction``: latents that fire on more than
+  ``dense_threshold`` of the tokens.
 
 Router statistics of Switch SAEs (expert load, router entropy) live in ``experts``.
 
@@ -32,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .dead import unseen_floor
+
 
 @dataclass
 class ReconstructionResult:
@@ -43,9 +47,12 @@ class ReconstructionResult:
     cosine: float
     l2_ratio: float
     l0: float
-    dead_fraction: float
+    unseen_fraction: float
+    """Latents that never fired on these tokens (not the same as dead: see ``evals.dead``)."""
+    n_unseen: int
+    unseen_floor: float
+    """Expected unseen fraction of a healthy SAE with this L0 on this many tokens."""
     dense_fraction: float
-    n_dead: int
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,7 +117,8 @@ class ReconstructionMetrics:
         variance = self.sq_norm / n - float(mean.pow(2).sum())  # E||x - E[x]||^2
         mean_square = self.sq_norm / (n * self.d_in)  # E_{token,d}[x_d^2], as SAELens computes it
         nmse = mse / variance if variance > 0 else float("nan")
-        dead = int((self.fires == 0).sum())
+        unseen = int((self.fires == 0).sum())
+        l0 = self.l0 / n
         return ReconstructionResult(
             n_tokens=n,
             mse=mse,
@@ -119,10 +127,11 @@ class ReconstructionMetrics:
             explained_variance_saelens=1.0 - mse / (self.sq_norm / n - mean_square**2),
             cosine=self.cosine / n,
             l2_ratio=self.l2_ratio / n,
-            l0=self.l0 / n,
-            dead_fraction=dead / self.d_sae,
+            l0=l0,
+            unseen_fraction=unseen / self.d_sae,
+            n_unseen=unseen,
+            unseen_floor=unseen_floor(l0, self.d_sae, n),
             dense_fraction=float((self.fires > self.dense_threshold * n).sum()) / self.d_sae,
-            n_dead=dead,
         )
 
 

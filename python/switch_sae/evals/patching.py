@@ -152,13 +152,16 @@ class PatchingMetrics:
         else:
             self.kl[run] += float(token_kl(clean_logits, logits)[keep].sum())
 
-    def result(self) -> PatchingResult:
-        if self.n_ce == 0:
+    def result(self, baselines: PatchingMetrics | None = None) -> PatchingResult:
+        """The means; ``baselines`` supplies the clean, zero and mean runs when one accumulator
+        collected them for several SAEs (this one then holds only its "sae" run)."""
+        shared = baselines or self
+        if shared.n_ce == 0:
             raise ValueError("no kept tokens were accumulated: every position was excluded or nothing was run")
-        ce = {run: total / self.n_ce for run, total in self.ce.items()}
-        kl = {run: total / max(self.n_kl, 1) for run, total in self.kl.items()}
+        ce = {run: total / shared.n_ce for run, total in {**shared.ce, "sae": self.ce["sae"]}.items()}
+        kl = {run: total / max(shared.n_kl, 1) for run, total in {**shared.kl, "sae": self.kl["sae"]}.items()}
         return PatchingResult(
-            n_tokens=self.n_ce,
+            n_tokens=shared.n_ce,
             ce_clean=ce["clean"],
             ce_sae=ce["sae"],
             ce_zero=ce["zero"],

@@ -5,24 +5,44 @@ An SAE maps activations ``x [batch, d_in]`` to a code and back. Sparse architect
 token; the L1 family (ReLU, Gated, JumpReLU) returns dense ``acts [batch, d_sae]``.
 ``W_dec_flat [d_sae, d_in]`` is always the global dictionary with unit-norm rows.
 
-On disk an SAE is a folder with ``cfg.json`` (the config dataclass plus ``architecture``)
-and ``model.safetensors`` (parameters and buffers), both written atomically.
+On disk an SAE is a folder with ``cfg.json`` (the config dataclass plus ``architecture``
+and the SHA-256 of the weights) and ``model.safetensors`` (parameters and buffers, with
+the same config in its metadata), both written atomically. Loading checks the checksum,
+the type of every config field, that ``cfg.json`` still says what the weights were saved
+with (an edited ``k`` or ``dtype`` would otherwise load as a different model), and every
+tensor's name, shape and dtype; each error names the file.
 
-What it leaves out: training losses (``switch_sae.training``) and evaluation.
+Every architecture owns its training objective: ``training_terms(x, out, dead)`` returns
+the weighted loss terms (reconstruction plus whatever the architecture adds, with the
+coefficients on its own config), so the trainer only sums, steps and logs them.
+
+What it leaves out: the optimisation loop (``switch_sae.training``) and evaluation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from ..io import atomic_write_json, atomic_write_safetensors
+from ..io import (
+    DamagedFileError,
+    atomic_write_json,
+    atomic_write_safetensors,
+    check_sha256,
+    check_tensors,
+    read_json_object,
+    read_safetensors,
+    read_safetensors_metadata,
+    sha256_file,
+)
+from ..typed_config import config_from_dict
+from . import losses
 
 try:  # TransformerLens hook points, so users can hook an SAE like any TL module.
     from transformer_lens.hook_points import HookPoint
@@ -37,6 +57,8 @@ except ImportError:  # the [lm] extra is not installed: plain identities, same n
 
 CONFIG_FILE = "cfg.json"
 WEIGHTS_FILE = "model.safetensors"
+CHECKSUM_KEY = "weights_sha256"  # in cfg.json: SHA-256 of model.safetensors
+CONFIG_METADATA = "switch_sae.config"  # in model.safetensors' metadata: cfg.json's content
 
 
 class SparseCode(NamedTuple):
@@ -54,7 +76,8 @@ class ForwardOutput(NamedTuple):
     acts: Tensor | None  # dense [batch, d_sae] code (L1 family), else None
     router_probs: Tensor | None = None  # [batch, n_experts] (Switch only)
     experts: Tensor | None = None  # [batch, n_active] int64 (Switch only)
-    aux: dict[str, Tensor] | None = None  # architecture-specific training terms
+    aux: dict[str, Tensor] | None = None  # architecture-specific inputs of training_terms
+    gates: Tensor | None = None  # [batch, n_active] multipliers of each expert's values (Switch only)
 
     @property
     def values(self) -> Tensor:
@@ -113,6 +136,12 @@ class SAE(HookedRootModule):
         """``[d_sae, d_in]`` dictionary; row i is feature i's unit-norm direction."""
         raise NotImplementedError
 
+    @property
+    def encoder_width(self) -> float:
+        """The width in the learning-rate law ``2e-4 / sqrt(width / 2^14)``: ``d_sae`` for a
+        dense dictionary (routed models say otherwise)."""
+        return self.d_sae
+
     def encode(self, x: Tensor) -> SparseCode | Tensor:
         raise NotImplementedError
 
@@ -125,6 +154,16 @@ class SAE(HookedRootModule):
 
     def forward(self, x: Tensor) -> ForwardOutput:
         raise NotImplementedError
+
+    def training_terms(self, x: Tensor, out: ForwardOutput, dead: Tensor | None = None) -> dict[str, Tensor]:
+        """Weighted loss terms of one forward pass ``out`` of ``x [batch, d_in]``; the loss is their sum.
+
+        ``mse`` (summed over d_in, mean over tokens) is always first; architectures add
+        their own terms, each weighted in units of ``losses.weight_unit(x)`` so that its
+        coefficient means the same thing at any activation scale. ``dead`` is the trainer's
+        ``[d_sae]`` bool mask of latents that have not fired for a while (None: unknown).
+        """
+        return {"mse": losses.mse(x, out.x_hat)}
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
@@ -170,30 +209,78 @@ class SAE(HookedRootModule):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach() for name, t in self.state_dict().items()}
-        atomic_write_safetensors(tensors, directory / WEIGHTS_FILE)
-        atomic_write_json(self.config_dict(), directory / CONFIG_FILE)
+        config = self.config_dict()
+        metadata = {CONFIG_METADATA: json.dumps(config, sort_keys=True)}
+        weights = atomic_write_safetensors(tensors, directory / WEIGHTS_FILE, metadata=metadata)
+        atomic_write_json({**config, CHECKSUM_KEY: sha256_file(weights)}, directory / CONFIG_FILE)
         return directory
 
     @classmethod
     def load(cls, directory: str | Path, device: str | torch.device | None = None) -> "SAE":
-        """Rebuild an SAE saved by ``save``; never unpickles."""
+        """Rebuild an SAE saved by ``save``; never unpickles. Damage raises naming the file."""
         directory = Path(directory)
         cfg_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
         for path in (cfg_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} does not exist: not a saved switch_sae SAE folder")
-        cfg_dict = json.loads(cfg_path.read_text())
-        architecture = cfg_dict.pop("architecture", None)
-        if architecture not in _REGISTRY:
-            raise ValueError(f"{cfg_path}: unknown architecture {architecture!r}; known: {sorted(_REGISTRY)}")
-        target = _REGISTRY[architecture]
+        target, cfg_dict = read_saved_config(directory)
         if cls is not SAE and not issubclass(target, cls):
-            raise ValueError(f"{directory} holds a {architecture!r} SAE, not a {cls.architecture!r} one")
+            raise ValueError(f"{directory} holds a {target.architecture!r} SAE, not a {cls.architecture!r} one")
         if device is not None:
             cfg_dict["device"] = str(device)
-        model = target(target.config_class(**cfg_dict))
-        state = load_file(str(weights_path), device=str(model.W_dec_flat.device))
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"{weights_path} does not match the config: missing {missing}, unexpected {unexpected}")
+        cfg = config_from_dict(target.config_class, cfg_dict, cfg_path)
+        try:
+            model = target(cfg)
+        except (RuntimeError, ValueError) as err:  # e.g. a device this machine lacks
+            raise ValueError(f"{cfg_path}: cannot build the SAE it describes: {err}") from err
+        load_weights(model, weights_path)
         return model
+
+
+def read_saved_config(directory: str | Path) -> tuple[type["SAE"], dict[str, Any]]:
+    """The architecture and config fields of a saved SAE, after checking the field types,
+    ``model.safetensors`` against the checksum ``cfg.json`` records, and the config against
+    the one the weights were saved with.
+
+    A folder saved before checksums existed loads with a warning.
+    """
+    directory = Path(directory)
+    cfg_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    cfg_dict = read_json_object(cfg_path)
+    checksum = cfg_dict.pop(CHECKSUM_KEY, None)
+    architecture = cfg_dict.pop("architecture", None)
+    if not isinstance(architecture, str) or architecture not in _REGISTRY:
+        raise DamagedFileError(f"{cfg_path}: unknown architecture {architecture!r}; known: {sorted(_REGISTRY)}")
+    target = _REGISTRY[architecture]
+    config_from_dict(target.config_class, cfg_dict, cfg_path)  # types and ranges, naming the field
+    metadata = read_safetensors_metadata(weights_path)
+    if checksum is None and CONFIG_METADATA in metadata:  # saved with a checksum that is gone
+        raise DamagedFileError(f"{cfg_path} lacks the {CHECKSUM_KEY} that {weights_path} was saved with")
+    if checksum is None:
+        warnings.warn(
+            f"{cfg_path} records no checksum of {WEIGHTS_FILE} (saved by an older switch_sae), "
+            "so damage to the weights cannot be detected; save the SAE again to add one",
+            stacklevel=3,
+        )
+        return target, cfg_dict
+    check_sha256(weights_path, checksum, cfg_path)
+    try:
+        saved_with = json.loads(metadata[CONFIG_METADATA])
+    except (KeyError, json.JSONDecodeError) as err:
+        raise DamagedFileError(f"{weights_path} lacks the config it was saved with") from err
+    current = {"architecture": architecture, **cfg_dict}
+    if current != saved_with:
+        diff = {k: (current.get(k), saved_with.get(k)) for k in current.keys() | saved_with.keys()
+                if current.get(k) != saved_with.get(k)}
+        raise DamagedFileError(
+            f"{cfg_path} was edited after saving: (cfg.json, saved with {WEIGHTS_FILE}) differ in {diff}; "
+            "a config must match its weights (change a loaded model's cfg and save it again instead)"
+        )
+    return target, cfg_dict
+
+
+def load_weights(model: SAE, path: str | Path) -> None:
+    """Load a safetensors file into ``model`` after checking every name, shape and dtype."""
+    state, _ = read_safetensors(path)
+    check_tensors(state, model.state_dict(), path)
+    model.load_state_dict(state, strict=True)

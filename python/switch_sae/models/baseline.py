@@ -5,8 +5,8 @@ Every baseline (TopK, BatchTopK, ReLU, Gated, JumpReLU) has ``W_enc [d_sae, d_in
 directions, started parallel to the encoder rows as in the paper's appendix A) and the
 pre-bias ``b_dec [d_in]``, plus the usual TransformerLens hook points.
 
-What it leaves out: each architecture's encoder nonlinearity and extra parameters
-(their own files) and every loss (``switch_sae.training.losses``).
+What it leaves out: each architecture's encoder nonlinearity, extra parameters and extra
+training terms (their own files).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import losses
 from .base import SAE, HookPoint, HookedRootModule, parse_dtype
 
 
@@ -55,6 +56,25 @@ class DictionaryConfig:
     def __post_init__(self) -> None:
         check_positive_int(self, "d_in", "d_sae")
         parse_dtype(self.dtype)
+
+
+@dataclass(kw_only=True)
+class L1Config(DictionaryConfig):
+    """A dictionary trained with the decoder-norm-weighted L1 penalty (ReLU and Gated SAEs)."""
+
+    l1_coefficient: float = 1.0
+    """Weight of ``sum_i |acts_i| ||W_dec[i]||`` for inputs normalised to E||x||^2 = d_in (scaled with the inputs' RMS otherwise)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        value = self.l1_coefficient
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ValueError(f"l1_coefficient must be a finite number >= 0, got {value!r}")
+
+
+def l1_term(cfg: L1Config, x: Tensor, acts: Tensor, W_dec: Tensor) -> Tensor:
+    """The weighted L1 penalty of ``acts [batch, d_sae]`` computed from ``x [batch, d_in]``."""
+    return cfg.l1_coefficient * losses.energy_unit(x).sqrt() * losses.weighted_l1(acts, W_dec)
 
 
 class DictionarySAE(SAE):

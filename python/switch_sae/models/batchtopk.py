@@ -23,13 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .auxk import AuxKConfig, AuxKTerms
 from .base import ForwardOutput, SparseCode, register_architecture
 from .baseline import DictionaryConfig, DictionarySAE, check_positive_int
 from .routed import encode_routed, single_expert
 
 
 @dataclass(kw_only=True)
-class BatchTopKSAEConfig(DictionaryConfig):
+class BatchTopKSAEConfig(AuxKConfig, DictionaryConfig):
     """Shape and options of a BatchTopK SAE."""
 
     k: int
@@ -48,6 +49,7 @@ class BatchTopKSAEConfig(DictionaryConfig):
             raise ValueError(f"k={self.k} is larger than the dictionary (d_sae={self.d_sae}); lower k")
         if not 0 < self.threshold_lr <= 1:
             raise ValueError(f"threshold_lr must be in (0, 1], got {self.threshold_lr!r}")
+        self.check_auxk(reachable=self.d_sae)
 
 
 def keep_prefix(values: Tensor, indices: Tensor, counts: Tensor) -> SparseCode:
@@ -65,7 +67,7 @@ def keep_prefix(values: Tensor, indices: Tensor, counts: Tensor) -> SparseCode:
 
 
 @register_architecture
-class BatchTopKSAE(DictionarySAE):
+class BatchTopKSAE(AuxKTerms, DictionarySAE):
     """BatchTopK SAE: batch-wide top k in training, a learnt threshold at inference."""
 
     architecture = "batchtopk"

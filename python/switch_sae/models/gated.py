@@ -12,7 +12,8 @@ auxiliary reconstruction through a frozen copy of the decoder, as in the paper.
 
 Plain dense PyTorch: ``[batch, d_sae]`` activations (``ForwardOutput.acts``).
 
-What it leaves out: the losses (``switch_sae.training.losses``).
+Training terms: reconstruction, ``l1`` on the gate path and ``gate_aux`` (the frozen-decoder
+reconstruction), as above.
 """
 
 from __future__ import annotations
@@ -22,13 +23,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import losses
 from .base import ForwardOutput, register_architecture
-from .baseline import DictionaryConfig, DictionarySAE
+from .baseline import DictionarySAE, L1Config, l1_term
 
 
 @dataclass(kw_only=True)
-class GatedSAEConfig(DictionaryConfig):
-    """Shape of a Gated SAE; the L1 coefficient is a training option (``TrainConfig``)."""
+class GatedSAEConfig(L1Config):
+    """Shape and L1 coefficient of a Gated SAE."""
 
 
 @register_architecture
@@ -68,13 +70,18 @@ class GatedSAE(DictionarySAE):
         pi_gate, acts = self._gate_and_acts(x)
         acts = self.hook_sae_acts_post(acts)
         x_hat = self.hook_sae_recons(self.decode(acts))
-        gate_acts = torch.relu(pi_gate)  # [batch, d_sae]
-        aux = {"l1_acts": gate_acts}
-        if self.training:  # the frozen-decoder reconstruction only matters for the loss
-            aux["gate_recon"] = gate_acts @ self.W_dec.detach() + self.b_dec.detach()
         return ForwardOutput(
             x_hat=x_hat.view(*lead, self.d_in),
             code=None,
             acts=acts.view(*lead, self.d_sae),
-            aux=aux,
+            aux={"gate_acts": torch.relu(pi_gate)},  # [batch, d_sae]
         )
+
+    def training_terms(self, x: Tensor, out: ForwardOutput, dead: Tensor | None = None) -> dict[str, Tensor]:
+        """Reconstruction, ``l1`` on the gate path, and ``gate_aux``: the gate path's
+        reconstruction through a frozen decoder, its only teacher besides the L1 term."""
+        terms = super().training_terms(x, out, dead)
+        gate_acts = out.aux["gate_acts"]
+        terms["l1"] = l1_term(self.cfg, x, gate_acts, self.W_dec)
+        terms["gate_aux"] = losses.mse(x, gate_acts @ self.W_dec.detach() + self.b_dec.detach())
+        return terms

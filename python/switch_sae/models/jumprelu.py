@@ -12,7 +12,8 @@ d step / d theta = -(1 / bandwidth) * 1[|pre - theta| < bandwidth / 2].
 
 Plain dense PyTorch: ``[batch, d_sae]`` activations (``ForwardOutput.acts``).
 
-What it leaves out: the L0 loss itself (``switch_sae.training.losses.jumprelu_l0``).
+Training terms: reconstruction and ``l0``, the L0 penalty above with the straight-through
+gradient for theta.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from . import losses
 from .base import ForwardOutput, register_architecture
 from .baseline import DictionaryConfig, DictionarySAE, check_positive_float
 
@@ -67,16 +69,21 @@ class StepFunction(torch.autograd.Function):
 
 @dataclass(kw_only=True)
 class JumpReLUSAEConfig(DictionaryConfig):
-    """Shape and estimator options of a JumpReLU SAE; the L0 coefficient is in ``TrainConfig``."""
+    """Shape, estimator options and L0 coefficient of a JumpReLU SAE."""
 
     threshold_init: float = 0.001
-    """Initial threshold of every feature (the paper's value, for inputs normalised to E||x|| = sqrt(d_in))."""
+    """Initial threshold of every feature (the paper's value, for inputs normalised to E||x||^2 = d_in)."""
     bandwidth: float = 0.001
     """Width of the rectangle kernel of the straight-through estimators."""
+    l0_coefficient: float = 0.1
+    """Weight of the L0 penalty (active features per token) for inputs normalised to E||x||^2 = d_in (scaled with the inputs' mean square otherwise)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_positive_float(self, "threshold_init", "bandwidth")
+        value = self.l0_coefficient
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+            raise ValueError(f"l0_coefficient must be a finite number >= 0, got {value!r}")
 
 
 @register_architecture
@@ -121,5 +128,13 @@ class JumpReLUSAE(DictionarySAE):
             x_hat=x_hat.view(*lead, self.d_in),
             code=None,
             acts=acts.view(*lead, self.d_sae),
-            aux={"pre_acts": pre, "threshold": self.threshold},
+            aux={"pre_acts": pre},
         )
+
+    def training_terms(self, x: Tensor, out: ForwardOutput, dead: Tensor | None = None) -> dict[str, Tensor]:
+        """Reconstruction and the L0 penalty (``l0``)."""
+        terms = super().training_terms(x, out, dead)
+        pre = out.aux["pre_acts"].float()  # [batch, d_sae]
+        l0 = StepFunction.apply(pre, self.threshold.float(), self.cfg.bandwidth).sum(-1).mean()
+        terms["l0"] = self.cfg.l0_coefficient * losses.energy_unit(x) * l0
+        return terms

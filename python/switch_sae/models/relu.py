@@ -10,7 +10,7 @@ The decoder-norm weighting makes the penalty independent of how the scale is spl
 code and dictionary; with the trainer's unit-norm decoder the weights are 1 but the term
 still pushes on the decoder norms, whose parallel gradient the trainer removes.
 
-What it leaves out: the loss (``switch_sae.training.losses.weighted_l1``).
+Training terms: reconstruction and ``l1`` (``losses.weighted_l1`` weighted by ``l1_coefficient``).
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ import torch
 from torch import Tensor, nn
 
 from .base import ForwardOutput, register_architecture
-from .baseline import DictionaryConfig, DictionarySAE
+from .baseline import DictionarySAE, L1Config, l1_term
 
 
 @dataclass(kw_only=True)
-class ReLUSAEConfig(DictionaryConfig):
-    """Shape of a ReLU (L1) SAE; the L1 coefficient is a training option (``TrainConfig``)."""
+class ReLUSAEConfig(L1Config):
+    """Shape and L1 coefficient of a ReLU (L1) SAE."""
 
 
 @register_architecture
@@ -63,5 +63,10 @@ class ReLUSAE(DictionarySAE):
             x_hat=x_hat.view(*lead, self.d_in),
             code=None,
             acts=acts.view(*lead, self.d_sae),
-            aux={"l1_acts": acts},
         )
+
+    def training_terms(self, x: Tensor, out: ForwardOutput, dead: Tensor | None = None) -> dict[str, Tensor]:
+        """Reconstruction and the L1 penalty (``l1``)."""
+        terms = super().training_terms(x, out, dead)
+        terms["l1"] = l1_term(self.cfg, x, out.acts.reshape(-1, self.d_sae), self.W_dec)
+        return terms

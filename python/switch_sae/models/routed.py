@@ -5,7 +5,7 @@ A TopK SAE is a Switch SAE with one expert: all of them encode through
 (``n_experts = 1`` for the dense-dictionary baselines), then scale by the router gate and,
 with several active experts, merge the candidates into one top k. Keeping this in one
 function means the sparse kernels, the gating and the merge are written once, and the
-AuxK loss (``switch_sae.training.auxk``) can re-run the very same encoder with another
+AuxK loss (``models.auxk``) can re-run the very same encoder with another
 bias and another k.
 
 What it leaves out: routing (the Switch model's job) and decoding (``ops.decode``).

@@ -8,7 +8,7 @@ A TopK SAE is a Switch SAE with one expert and no router: ``W_enc`` is passed to
 and decoding is ``ops.decode``. So it never builds ``[batch, d_sae]`` beyond one tile of
 ``tile_rows x d_sae`` pre-activations, and it is the fair dense-dictionary comparison.
 
-What it leaves out: the AuxK dead-latent loss (``switch_sae.training``).
+Training terms: reconstruction plus Gao et al.'s AuxK dead-latent loss (``auxk.py``).
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from .auxk import AuxKConfig, AuxKTerms
 from .base import ForwardOutput, SparseCode, register_architecture
 from .baseline import DictionaryConfig, DictionarySAE, check_positive_int
 from .routed import encode_routed, single_expert
 
 
 @dataclass(kw_only=True)
-class TopKSAEConfig(DictionaryConfig):
+class TopKSAEConfig(AuxKConfig, DictionaryConfig):
     """Shape and options of a TopK SAE."""
 
     k: int
@@ -40,10 +41,11 @@ class TopKSAEConfig(DictionaryConfig):
         check_positive_int(self, "k", "tile_rows")
         if self.k > self.d_sae:
             raise ValueError(f"k={self.k} is larger than the dictionary (d_sae={self.d_sae}); lower k")
+        self.check_auxk(reachable=self.d_sae)
 
 
 @register_architecture
-class TopKSAE(DictionarySAE):
+class TopKSAE(AuxKTerms, DictionarySAE):
     """TopK SAE: keep the k largest pre-activations of each token."""
 
     architecture = "topk"

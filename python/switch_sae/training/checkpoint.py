@@ -10,7 +10,8 @@ A checkpoint is a folder ``<root>/step_<step>/``::
 
 It is assembled in a hidden temporary folder and renamed into place, so a crash leaves
 either no new checkpoint or a complete one; the manifest (checked on load) also catches
-later damage. Nothing is pickled, so loading a checkpoint cannot run code.
+later damage, and resuming falls back to the newest checkpoint that passes it. Nothing is
+pickled, so loading a checkpoint cannot run code.
 
 What it leaves out: deciding when to checkpoint and what the trainer state means
 (``trainer.py``).
@@ -18,21 +19,27 @@ What it leaves out: deciding when to checkpoint and what the trainer state means
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
-from ..io import atomic_write_json, atomic_write_safetensors
-from ..models.base import CONFIG_FILE, WEIGHTS_FILE, SAE
+from ..io import (
+    DamagedFileError,
+    atomic_write_json,
+    atomic_write_safetensors,
+    check_sha256,
+    read_json_object,
+    read_safetensors,
+    sha256_file,
+)
+from ..models.base import CHECKSUM_KEY, CONFIG_FILE, WEIGHTS_FILE, SAE, load_weights
 
 MANIFEST = "manifest.json"
 FORMAT = "switch_sae.checkpoint/1"
@@ -41,14 +48,6 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is incomplete, damaged, or does not match the run resuming from it."""
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _optimizer_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -125,7 +124,7 @@ def save_checkpoint(
     atomic_write_safetensors({**tensors, **rng_state()}, tmp / "trainer.safetensors")
     atomic_write_json(state, tmp / "trainer.json")
     files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-    atomic_write_json({"format": FORMAT, "step": step, "files": {f: _sha256(tmp / f) for f in files}}, tmp / MANIFEST)
+    atomic_write_json({"format": FORMAT, "step": step, "files": {f: sha256_file(tmp / f) for f in files}}, tmp / MANIFEST)
     if final.exists():  # re-saving a step (e.g. Ctrl-C right after a periodic save)
         old = root / f".{final.name}.old"
         shutil.rmtree(old, ignore_errors=True)
@@ -148,26 +147,55 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+_HINT = "delete it to resume from an earlier checkpoint, or start a fresh run"
+
+
 def verify(path: str | Path) -> dict[str, Any]:
     """Check the manifest of checkpoint ``path``; return it or raise ``CheckpointError``."""
     path = Path(path)
     manifest_path = path / MANIFEST
-    hint = "delete it to resume from an earlier checkpoint, or start a fresh run"
     if not manifest_path.is_file():
-        raise CheckpointError(f"checkpoint {path} is incomplete (no {MANIFEST}); {hint}")
+        raise CheckpointError(f"checkpoint {path} is incomplete (no {MANIFEST}); {_HINT}")
     try:
-        manifest = json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"checkpoint {path}: {MANIFEST} is not valid JSON ({err}); {hint}") from err
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"checkpoint {path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
-    for name, digest in manifest["files"].items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path} is missing {name}; {hint}")
-        if _sha256(file) != digest:
-            raise CheckpointError(f"checkpoint {path}: {name} is corrupt (checksum mismatch); {hint}")
+        manifest = read_json_object(manifest_path)
+        if manifest.get("format") != FORMAT:
+            raise DamagedFileError(f"{manifest_path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not {"trainer.json", f"model/{CONFIG_FILE}"} <= files.keys():
+            raise DamagedFileError(f"{manifest_path} does not list the checkpoint's files")
+        for name, digest in files.items():
+            check_sha256(path / name, digest, manifest_path)
+    except DamagedFileError as err:
+        raise CheckpointError(f"checkpoint {path} is damaged: {err}; {_HINT}") from err
     return manifest
+
+
+def newest_valid(root: str | Path) -> Path | None:
+    """The newest checkpoint under ``root`` that passes ``verify`` (None if there is none).
+
+    Damaged newer ones are skipped with a warning naming them and the one used; if every
+    checkpoint is damaged, ``CheckpointError`` lists why.
+    """
+    damaged: list[CheckpointError] = []
+    for path in reversed(checkpoints(root)):
+        try:
+            verify(path)
+        except CheckpointError as err:
+            damaged.append(err)
+            continue
+        if damaged:
+            reasons = "; ".join(str(e) for e in damaged)
+            warnings.warn(f"resuming from the older checkpoint {path} because newer ones are damaged: {reasons}",
+                          stacklevel=2)
+        return path
+    if damaged:
+        raise CheckpointError("no checkpoint to resume from is intact: " + "; ".join(str(e) for e in damaged))
+    return None
+
+
+def read_state(path: str | Path) -> dict[str, Any]:
+    """The trainer's JSON state of a verified checkpoint."""
+    return read_json_object(Path(path) / "trainer.json")
 
 
 def load_checkpoint(
@@ -182,20 +210,19 @@ def load_checkpoint(
     path = Path(path)
     if not verified:
         verify(path)
-    saved_cfg = json.loads((path / "model" / CONFIG_FILE).read_text())
+    saved_cfg = read_json_object(path / "model" / CONFIG_FILE)
+    saved_cfg.pop(CHECKSUM_KEY, None)  # the manifest already vouches for the weights
     current = json.loads(json.dumps(model.config_dict()))
     if saved_cfg != current:
         keys = saved_cfg.keys() | current.keys()
         diff = {k: (saved_cfg.get(k), current.get(k)) for k in keys if saved_cfg.get(k) != current.get(k)}
         raise CheckpointError(f"checkpoint {path} holds a different model; (saved, current) differ in {diff}")
     try:
-        weights = load_file(str(path / "model" / WEIGHTS_FILE), device=str(model.W_dec_flat.device))
-        model.load_state_dict(weights, strict=True)
-        _load_optimizer(
-            optimizer, load_file(str(path / "optimizer.safetensors")), json.loads((path / "optimizer.json").read_text())
-        )
-        tensors = load_file(str(path / "trainer.safetensors"))
-    except (SafetensorError, RuntimeError, ValueError, KeyError) as err:
+        load_weights(model, path / "model" / WEIGHTS_FILE)
+        opt_tensors, _ = read_safetensors(path / "optimizer.safetensors")
+        _load_optimizer(optimizer, opt_tensors, read_json_object(path / "optimizer.json"))
+        tensors, _ = read_safetensors(path / "trainer.safetensors")
+    except (RuntimeError, ValueError, KeyError) as err:
         raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer: {err}") from err
     set_rng_state(tensors)
-    return tensors, json.loads((path / "trainer.json").read_text())
+    return tensors, read_state(path)

@@ -11,12 +11,19 @@ from dataclasses import dataclass
 
 @dataclass
 class TrainConfig:
-    """How to train an SAE. Defaults reproduce the Switch SAE paper's recipe plus AuxK."""
+    """How to train an SAE: the optimiser, schedule, data handling and bookkeeping.
+
+    Defaults follow the Switch SAE paper's recipe, with inputs normalised and Gao et al.'s
+    AuxK. The loss itself belongs to the model: each architecture's config carries its own
+    coefficients (``SwitchSAEConfig.lb_coefficient``, ``auxk_coefficient`` and ``k_aux`` on
+    the TopK family, ``l1_coefficient`` on ReLU/Gated, ``l0_coefficient`` on JumpReLU), each
+    defined relative to the reconstruction loss so that it is independent of the data's scale.
+    """
 
     total_steps: int
     """Optimiser steps in the whole run; the lr schedule is laid out over it."""
     lr: float | None = None
-    """Peak learning rate; None means 2e-4 / sqrt(d_sae / 2^14) (the paper's scaling law)."""
+    """Peak learning rate; None means 2e-4 / sqrt(width / 2^14), the paper's scaling law, with width the model's SAE.encoder_width (d_sae for a dense dictionary; n_active * d_expert for a Switch SAE, each of whose experts is a TopK SAE of width d_expert)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """Adam's (beta1, beta2)."""
     adam_eps: float = 1e-8
@@ -27,24 +34,12 @@ class TrainConfig:
     """Final fraction of the steps over which the lr falls linearly to 0."""
     grad_clip: float = 1.0
     """Maximum global gradient norm; 0 turns clipping off."""
-    lb_alpha: float = 3.0
-    """Weight of the load-balancing loss (times d_in); Switch SAEs only. 0 turns it off."""
-    auxk: bool = True
-    """Add Gao et al.'s AuxK dead-latent loss for TopK-family models (False reproduces the paper)."""
-    auxk_coefficient: float = 1 / 32
-    """Weight of the AuxK loss."""
-    k_aux: int | None = None
-    """Dead latents used by AuxK per token; None means min(d_in // 2, d_expert)."""
-    dead_after_tokens: int = 10_000_000
-    """A latent that has not fired for this many tokens counts as dead."""
-    l1_coefficient: float = 1.0
-    """Weight of the decoder-norm-weighted L1 penalty (ReLU and Gated SAEs)."""
-    l0_coefficient: float = 0.1
-    """Weight of the L0 penalty (JumpReLU SAEs)."""
+    dead_after_tokens: int | None = None
+    """A latent that has not fired for this many tokens counts as dead (and AuxK trains it); None scales with the run: a tenth of its tokens, at most 10M (Gao et al.'s value at full scale)."""
     init_geometric_median: bool = True
     """Start b_dec and b_router at the geometric median of the first batch."""
-    normalize_inputs: bool = False
-    """Scale inputs so E||x|| = sqrt(d_in) (estimated once, on the first batch); folded into saved weights."""
+    normalize_inputs: bool = True
+    """Train on inputs scaled so that E||x||^2 = d_in (the scale is estimated on the first batch), so that the lr and every loss coefficient mean the same thing whatever the activations' units. The scale is folded into the model when fit() returns and into every saved copy: a trained SAE always takes raw activations."""
     autocast: str | None = None
     """'bfloat16' runs forward and losses under torch.autocast (no GradScaler needed); None: off."""
     seed: int = 0
@@ -70,11 +65,11 @@ class TrainConfig:
         self.adam_betas = tuple(self.adam_betas)  # JSON round trips turn it into a list
         for name in ("total_steps", "log_every", "keep_checkpoints"):
             _check_int(self, name, minimum=1)
-        for name in ("warmup_steps", "dead_after_tokens", "checkpoint_every", "seed"):
+        for name in ("warmup_steps", "checkpoint_every", "seed"):
             _check_int(self, name, minimum=0)
-        if self.k_aux is not None:
-            _check_int(self, "k_aux", minimum=1)
-        for name in ("adam_eps", "auxk_coefficient", "grad_clip", "lb_alpha", "l1_coefficient", "l0_coefficient"):
+        if self.dead_after_tokens is not None:
+            _check_int(self, "dead_after_tokens", minimum=0)
+        for name in ("adam_eps", "grad_clip"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -94,13 +89,19 @@ class TrainConfig:
         if (self.checkpoint_every or self.resume) and self.run_dir is None:
             raise ValueError("checkpoint_every and resume need run_dir: say where checkpoints live")
 
-    def peak_lr(self, d_sae: int) -> float:
-        """The configured lr, or the paper's ``2e-4 / sqrt(d_sae / 2^14)``."""
-        return self.lr if self.lr is not None else 2e-4 / math.sqrt(d_sae / 2**14)
+    def resolved_dead_after_tokens(self, batch_size: int) -> int:
+        """``dead_after_tokens``, or a tenth of the run's tokens capped at 10M when unset."""
+        if self.dead_after_tokens is not None:
+            return self.dead_after_tokens
+        return min(10_000_000, max(1, self.total_steps * batch_size // 10))
 
-    def lr_at(self, step: int, d_sae: int) -> float:
+    def peak_lr(self, width: float) -> float:
+        """The configured lr, or the paper's ``2e-4 / sqrt(width / 2^14)`` (see ``lr``)."""
+        return self.lr if self.lr is not None else 2e-4 / math.sqrt(width / 2**14)
+
+    def lr_at(self, step: int, width: float) -> float:
         """Learning rate of optimiser step ``step`` (0-based): warm-up, constant, linear decay to 0."""
-        peak = self.peak_lr(d_sae)
+        peak = self.peak_lr(width)
         if step < self.warmup_steps:
             return peak * (step + 1) / self.warmup_steps
         decay_steps = round(self.decay_fraction * self.total_steps)

@@ -1,12 +1,13 @@
 """Per-step training metrics and where they go: JSONL, plus wandb/TensorBoard if installed.
 
-What it leaves out: computing the numbers (``trainer.py``, ``losses.py``).
+What it leaves out: computing the numbers (``trainer.py``, ``models/losses.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,8 @@ class StepMetrics:
     """Share of tokens per expert (f_i); routed models."""
     router_entropy: float | None = None
     """Mean per-token entropy of the router distribution (nats); routed models."""
+    p_max: float | None = None
+    """Mean over tokens of the largest router probability (1/n_experts: a flat router); routed models."""
     extra: dict[str, float] = field(default_factory=dict)
     """Architecture statistics from ForwardOutput.aux (e.g. BatchTopK's threshold)."""
 
@@ -78,7 +81,7 @@ class MetricsLogger:
         """Drop lines of steps after ``step`` (they will be re-run after resuming)."""
         if self.path is None or not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        kept = [line for line, record in _read_records(self.path) if record["step"] <= step]
         atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
     def log(self, metrics: StepMetrics) -> None:
@@ -99,6 +102,27 @@ class MetricsLogger:
             self._wandb.finish()
         if self._tb is not None:
             self._tb.close()
+
+
+def _read_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(line, record) pairs of a JSONL metrics file. A partial last line (a write cut short
+    by a crash or a full disk) is dropped with a warning; damage elsewhere raises naming the line."""
+    lines = path.read_bytes().decode("utf-8", errors="replace").split("\n")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise ValueError("not a metrics record with an integer 'step'")
+        except ValueError as err:
+            if number == len(lines):  # no newline after it: the write never finished
+                warnings.warn(f"{path}: dropping the partial last line {number} ({err})", stacklevel=3)
+                continue
+            raise ValueError(f"{path}: line {number} is not a metrics record ({err}); fix or delete that line") from err
+        records.append((line, record))
+    return records
 
 
 def _flatten(record: dict[str, Any]) -> dict[str, float]:

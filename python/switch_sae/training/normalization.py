@@ -1,6 +1,6 @@
-"""Input normalisation to ``E||x|| = sqrt(d_in)``, and folding it into the weights.
+"""Input normalisation to ``E||x||^2 = d_in``, and folding it into the weights.
 
-Training on ``x' = s x`` with ``s = sqrt(d_in) / E||x||`` makes hyper-parameters (the lr,
+Training on ``x' = s x`` with ``s = sqrt(d_in / E||x||^2)`` makes hyper-parameters (the lr,
 the L1/L0 coefficients, JumpReLU's threshold scale) transfer between models and layers.
 An SAE trained on ``x'`` is turned into one that takes raw ``x`` by rescaling parameters:
 with unit-norm decoder rows, ``x_hat(x) = x_hat'(s x) / s`` holds exactly when every code
@@ -29,11 +29,11 @@ _UNCHANGED = {"W_enc", "W_dec", "r_mag", "feature_T", "feature_w"}
 
 
 def estimate_scale(x: Tensor) -> float:
-    """``sqrt(d_in) / mean ||x||`` over the tokens of ``x [batch, d_in]``."""
-    mean_norm = x.detach().float().norm(dim=-1).mean().item()
-    if not math.isfinite(mean_norm) or mean_norm <= 0:
-        raise ValueError(f"cannot normalise inputs whose mean norm is {mean_norm}")
-    return math.sqrt(x.shape[-1]) / mean_norm
+    """``sqrt(d_in / mean ||x||^2)`` over the tokens of ``x [batch, d_in]``."""
+    mean_square = x.detach().double().pow(2).sum(-1).mean().item()
+    if not math.isfinite(mean_square) or mean_square <= 0:
+        raise ValueError(f"cannot normalise inputs whose mean squared norm is {mean_square}")
+    return math.sqrt(x.shape[-1] / mean_square)
 
 
 @torch.no_grad()

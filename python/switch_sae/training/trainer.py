@@ -4,12 +4,16 @@
     trainer.fit(batches)            # any iterable of [batch, d_in] tensors
     trainer.save_model("runs/a/sae")
 
-One step: (first step only) estimate the input scale and put ``b_dec``/``b_router`` at the
-geometric median of the batch; set the scheduled lr; forward; loss = MSE + the terms the
-architecture asks for (load balancing for routed models, AuxK for TopK-family models, L1
-for ReLU/Gated, the gate-path reconstruction for Gated, L0 for JumpReLU); backward; drop
-the decoder-gradient component parallel to each feature; clip; Adam; renormalise the
-decoder rows; update the dead-latent counters; log.
+One step: (first step only) estimate the input scale, fix the dead-latent window and put
+``b_dec``/``b_router`` at the geometric median of the batch; set the scheduled lr; forward;
+loss = the sum of ``model.training_terms`` (the architecture's own weighted terms: MSE,
+load balancing, AuxK, L1, L0, ...; the trainer knows none by name); backward; drop the
+decoder-gradient component parallel to each feature; clip; Adam; renormalise the decoder
+rows; update the dead-latent counters; log.
+
+Units: the model trains on ``input_scale * x`` (``E||x||^2 = d_in`` by default). When
+``fit`` returns, the scale is folded into the model's parameters, so the model in memory,
+like every saved copy, takes raw activations; a later ``step`` unfolds it again.
 
 Mixed precision: with ``autocast="bfloat16"`` the forward pass and the losses run under
 ``torch.autocast``, master weights and Adam stay in the parameter dtype and no GradScaler
@@ -23,8 +27,8 @@ Resuming: the trainer restores model, Adam, lr position, counters, dead-latent c
 and torch's RNG, and ``fit`` skips the batches already consumed, so on CPU the losses after
 a resume equal those of an uninterrupted run exactly (given the same batch iterable).
 
-What it leaves out: the losses' arithmetic (``losses.py``), the AuxK code (``auxk.py``),
-the checkpoint format (``checkpoint.py``) and data loading (any iterable will do).
+What it leaves out: the losses (each model's ``training_terms``), the checkpoint format
+(``checkpoint.py``) and data loading (any iterable will do).
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import json
 import signal
 import threading
 import time
@@ -43,11 +46,10 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .. import ops
-from ..models.base import SAE, ForwardOutput
-from . import losses
-from .auxk import dead_latent_code, default_k_aux, supports_auxk
-from .checkpoint import CheckpointError, checkpoints, load_checkpoint, save_checkpoint, verify
+from ..models import losses
+from ..models.base import SAE
+from ..typed_config import config_from_dict
+from .checkpoint import CheckpointError, load_checkpoint, newest_valid, read_state, save_checkpoint
 from .config import TrainConfig
 from .dead import DeadLatentTracker, fired_latents, l0
 from .init import init_biases_from_batch_
@@ -74,20 +76,15 @@ class Trainer:
         # The fused kernel: one pass over each parameter instead of several elementwise ops;
         # on CPU it measured ~5x faster for 2 x 2^25 parameters (benchmarks/README.md).
         self.optimizer = torch.optim.Adam(
-            model.parameters(), lr=cfg.peak_lr(model.d_sae), betas=cfg.adam_betas, eps=cfg.adam_eps, fused=True
+            model.parameters(), lr=cfg.peak_lr(model.encoder_width), betas=cfg.adam_betas, eps=cfg.adam_eps, fused=True
         )
-        self.dead = DeadLatentTracker(model.d_sae, cfg.dead_after_tokens, self.device)
-        self.use_auxk = cfg.auxk and supports_auxk(model)
-        self.k_aux = 0
-        if self.use_auxk:
-            d_expert = model.encoder_weight().shape[1]
-            self.k_aux = cfg.k_aux if cfg.k_aux is not None else default_k_aux(model)
-            if self.k_aux > d_expert:
-                raise ValueError(f"k_aux={self.k_aux} exceeds the latents one token can reach ({d_expert})")
+        # The window is fixed on the first step, when the batch size is known.
+        self.dead = DeadLatentTracker(model.d_sae, cfg.dead_after_tokens or 0, self.device)
         self.step_count = 0  # optimiser steps done
         self.tokens = 0  # tokens trained on
         self.batches_seen = 0  # position in the batch iterable, for resuming
         self.input_scale = 1.0  # x is multiplied by this before the model sees it
+        self.scale_folded = False  # the model's parameters currently take raw x (after fit)
         self.initialised = False  # data-dependent init done
         self.logger = MetricsLogger(cfg.run_dir, cfg.wandb_project, cfg.tensorboard, dataclasses.asdict(cfg))
         self._stop_requested = False
@@ -104,15 +101,16 @@ class Trainer:
         x, _ = model.check_input(batch)  # [batch, d_in] in the model dtype
         if not self.initialised:
             self._initialise(x)
+        self._to_training_units()
         if self.input_scale != 1.0:
             x = x * self.input_scale
-        lr = cfg.lr_at(self.step_count, model.d_sae)
+        lr = cfg.lr_at(self.step_count, model.encoder_width)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         model.train()
         with self._autocast():
             out = model(x)
-            terms = self.loss_terms(x, out)
+            terms = model.training_terms(x, out, self.dead.dead())
         loss = sum(terms.values())  # a Python sum: the terms may differ in dtype
         if not torch.isfinite(loss):
             raise FloatingPointError(
@@ -135,36 +133,26 @@ class Trainer:
             self.logger.log(metrics)
         return metrics
 
-    def loss_terms(self, x: Tensor, out: ForwardOutput) -> dict[str, Tensor]:
-        """Weighted loss terms of one forward pass ``out`` of ``x [batch, d_in]``; they sum to the loss."""
-        cfg, model = self.cfg, self.model
-        aux = out.aux or {}
-        terms = {"mse": losses.mse(x, out.x_hat)}
-        if out.router_probs is not None and cfg.lb_alpha > 0:
-            terms["lb"] = cfg.lb_alpha * model.d_in * losses.load_balancing(out.router_probs, out.experts)
-        if "l1_acts" in aux:
-            terms["l1"] = cfg.l1_coefficient * losses.weighted_l1(aux["l1_acts"], model.W_dec_flat)
-        if "gate_recon" in aux:
-            terms["gate_aux"] = losses.mse(x, aux["gate_recon"])
-        if "pre_acts" in aux:
-            l0_loss = losses.jumprelu_l0(aux["pre_acts"], aux["threshold"], model.cfg.bandwidth)
-            terms["l0"] = cfg.l0_coefficient * l0_loss
-        if self.use_auxk:
-            dead = self.dead.dead()
-            n_dead = int(dead.sum())
-            if n_dead:
-                code = dead_latent_code(model, x, out, dead, self.k_aux)
-                dead_recon = ops.decode(code.values, code.indices, model.W_dec_flat)  # no b_dec: see losses.auxk
-                residual = (x - out.x_hat).detach()
-                terms["auxk"] = cfg.auxk_coefficient * losses.auxk(residual, dead_recon, n_dead, self.k_aux)
-        return terms
-
     def _initialise(self, x: Tensor) -> None:
         if self.cfg.normalize_inputs:
             self.input_scale = estimate_scale(x)
+        self.dead.dead_after_tokens = self.cfg.resolved_dead_after_tokens(x.shape[0])
         if self.cfg.init_geometric_median:
             init_biases_from_batch_(self.model, x * self.input_scale)
         self.initialised = True
+
+    def to_raw_units(self) -> None:
+        """Fold the input scale into the model now, so that it takes raw activations (``fit``
+        does this when it returns; the next ``step`` undoes it)."""
+        if self.input_scale != 1.0 and not self.scale_folded:
+            fold_input_scale_(self.model, self.input_scale)
+            self.scale_folded = True
+
+    def _to_training_units(self) -> None:
+        """Back to training units, for another step after ``fit`` returned."""
+        if self.scale_folded:
+            fold_input_scale_(self.model, 1.0 / self.input_scale)
+            self.scale_folded = False
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.cfg.autocast is None:
@@ -193,6 +181,7 @@ class Trainer:
             metrics.lb = losses.load_balancing(probs, experts).item()
             metrics.expert_load = losses.expert_load(experts, probs.shape[-1]).tolist()
             metrics.router_entropy = losses.router_entropy(probs).item()
+            metrics.p_max = losses.router_p_max(probs).item()
         return metrics
 
     # -- the loop ----------------------------------------------------------------
@@ -234,6 +223,8 @@ class Trainer:
         if cfg.run_dir is not None:
             if not (cfg.checkpoint_every and self.step_count % cfg.checkpoint_every == 0):
                 self.save_checkpoint()  # unless the loop just wrote this very step
+        self.to_raw_units()
+        if cfg.run_dir is not None:
             self.save_model(Path(cfg.run_dir) / "sae")
         self.logger.close()
         return last
@@ -271,6 +262,8 @@ class Trainer:
             "tokens": self.tokens,
             "batches_seen": self.batches_seen,
             "input_scale": self.input_scale,
+            "scale_folded": self.scale_folded,
+            "dead_after_tokens": self.dead.dead_after_tokens,
             "initialised": self.initialised,
             "train_config": dataclasses.asdict(self.cfg),
         }
@@ -280,13 +273,11 @@ class Trainer:
         )
 
     def _resume(self) -> None:
-        found = checkpoints(self.checkpoint_root)
-        if not found:
+        path = newest_valid(self.checkpoint_root)
+        if path is None:
             return  # nothing to resume: a fresh run
-        path = found[-1]
-        verify(path)
-        state = json.loads((path / "trainer.json").read_text())
-        saved = TrainConfig(**state["train_config"])
+        state = read_state(path)
+        saved = config_from_dict(TrainConfig, state["train_config"], path / "trainer.json")
         diff = {
             f.name: (getattr(saved, f.name), getattr(self.cfg, f.name))
             for f in dataclasses.fields(TrainConfig)
@@ -298,12 +289,13 @@ class Trainer:
         self.dead.tokens_since_fired.copy_(tensors["dead.tokens_since_fired"])
         self.step_count, self.tokens = state["step"], state["tokens"]
         self.batches_seen, self.input_scale = state["batches_seen"], state["input_scale"]
+        self.scale_folded, self.dead.dead_after_tokens = state["scale_folded"], state["dead_after_tokens"]
         self.initialised = state["initialised"]
         self.logger.truncate_after(self.step_count)
 
     def save_model(self, directory: str | Path) -> Path:
         """Save the SAE for inference on raw inputs: the input scale is folded into a copy."""
         model = self.model
-        if self.input_scale != 1.0:
+        if self.input_scale != 1.0 and not self.scale_folded:
             model = fold_input_scale_(copy.deepcopy(model), self.input_scale)
         return model.save(directory)

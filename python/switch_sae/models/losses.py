@@ -4,16 +4,19 @@ Conventions: reconstruction errors are summed over ``d_in`` and averaged over to
 in the paper (so MSE is on the scale of ``E||x||^2``, i.e. ``d_in`` for normalised inputs).
 Everything is computed in float32 or wider, whatever the autocast or parameter dtype.
 
-What it leaves out: which terms an architecture needs and their weights
-(``switch_sae.training.trainer``), and the dead-latent code (``switch_sae.training.auxk``).
+Units: every auxiliary weight is relative to the batch's total variance (``weight_unit``),
+so that ``loss / total_variance = FVU + sum_i coefficient_i * term_i`` and a coefficient
+means the same thing whatever the scale of the activations (multiplying the data by a
+constant multiplies every term by the same constant squared).
+
+What it leaves out: which terms an architecture needs and their coefficients (each model's
+``training_terms`` and config), and the dead-latent code (``auxk.py``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-from ..models.jumprelu import StepFunction
 
 
 def _wide(t: Tensor) -> Tensor:
@@ -31,6 +34,26 @@ def total_variance(x: Tensor) -> Tensor:
     return (x - x.mean(0)).pow(2).sum(-1).mean()
 
 
+def weight_unit(x: Tensor) -> Tensor:
+    """The unit of every auxiliary loss weight: ``total_variance(x)``, detached.
+
+    Multiplying a normalised term (a balance statistic, an AuxK NMSE) by it puts the term on
+    the same scale as the reconstruction loss, so its coefficient is a fraction of the FVU.
+    """
+    return total_variance(x.detach()).clamp_min(torch.finfo(torch.float32).tiny)
+
+
+def energy_unit(x: Tensor) -> Tensor:
+    """``mean_tokens ||x||^2 / d_in``, detached: 1 for inputs normalised to ``E||x||^2 = d_in``.
+
+    The unit of the sparsity penalties: an L1 penalty is weighted by its square root (the
+    activations scale with x) and an L0 penalty by it, so the usual coefficients of
+    normalised inputs keep their meaning at any activation scale.
+    """
+    x = _wide(x.detach())
+    return (x.pow(2).sum(-1).mean() / x.shape[-1]).clamp_min(torch.finfo(torch.float32).tiny)
+
+
 def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
     """Fraction of variance unexplained: ``mse / total_variance`` over the batch."""
     return mse(x, x_hat) / total_variance(x).clamp_min(torch.finfo(torch.float32).tiny)
@@ -39,9 +62,12 @@ def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
 def expert_load(experts: Tensor, n_experts: int) -> Tensor:
     """``f [n_experts]``: share of (token, expert) pairs sent to each expert (sums to 1).
 
+    The one definition of f_i, shared by the balance loss and the evaluations: with
+    ``n_active > 1`` every selected expert counts (a token sent to experts 0 and 3 adds half
+    a token to each), which is the paper's top-1 fraction when ``n_active = 1``.
+
     Args:
-        experts: ``[batch, n_active]`` int64 (top-n_active counts, so f is the top-1
-            fraction of the paper when n_active = 1).
+        experts: ``[batch, n_active]`` int64.
     """
     counts = torch.bincount(experts.reshape(-1), minlength=n_experts)
     return counts.to(torch.float32) / experts.numel()
@@ -59,6 +85,11 @@ def load_balancing(router_probs: Tensor, experts: Tensor) -> Tensor:
     return n_experts * (f * P).sum()
 
 
+def router_p_max(router_probs: Tensor) -> Tensor:
+    """Mean over tokens of the largest routing probability (1/n_experts = a flat router)."""
+    return _wide(router_probs).max(-1).values.mean()
+
+
 def router_entropy(router_probs: Tensor) -> Tensor:
     """Mean over tokens of the entropy (nats) of the routing distribution."""
     p = _wide(router_probs)
@@ -68,14 +99,6 @@ def router_entropy(router_probs: Tensor) -> Tensor:
 def weighted_l1(acts: Tensor, W_dec: Tensor) -> Tensor:
     """``mean_tokens sum_i |acts_i| * ||W_dec[i]||``; acts ``[batch, d_sae]``, W_dec ``[d_sae, d_in]``."""
     return (_wide(acts).abs() * _wide(W_dec).norm(dim=-1)).sum(-1).mean()
-
-
-def jumprelu_l0(pre_acts: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-    """``mean_tokens sum_i 1[pre_i > theta_i]`` with the straight-through gradient for theta.
-
-    pre_acts ``[batch, d_sae]``, threshold ``[d_sae]``.
-    """
-    return StepFunction.apply(_wide(pre_acts), _wide(threshold), bandwidth).sum(-1).mean()
 
 
 def auxk(residual: Tensor, dead_recon: Tensor, n_dead: int, k_aux: int) -> Tensor:
