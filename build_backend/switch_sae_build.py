@@ -22,13 +22,14 @@ Everything else is scikit-build-core's, unchanged.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import importlib.metadata
 import json
 import os
 import subprocess
 import sys
-import tempfile
+import zipfile
 from pathlib import Path
 
 from packaging.requirements import Requirement
@@ -102,21 +103,22 @@ def pin_torch(metadata: str, version: str) -> str:
 
 
 def _pin_torch_in_wheel(wheel_path: Path, version: str) -> None:
-    """Rewrite the wheel with a pinned METADATA; WheelFile writes the new RECORD hashes."""
-    from wheel.wheelfile import WheelFile
-
-    with tempfile.TemporaryDirectory(dir=wheel_path.parent) as scratch:
-        pinned = Path(scratch) / wheel_path.name
-        with WheelFile(wheel_path) as old, WheelFile(pinned, "w") as new:
-            metadata = f"{old.dist_info_path}/METADATA"
-            for item in old.infolist():
-                if item.filename == old.record_path:
-                    continue
-                data = old.read(item)
-                if item.filename == metadata:
-                    data = pin_torch(data.decode(), version).encode()
-                new.writestr(item, data)
-        os.replace(pinned, wheel_path)
+    """Rewrite the wheel with a pinned METADATA, and that file's new hash in RECORD."""
+    with zipfile.ZipFile(wheel_path) as old:
+        dist_info = next(n.split("/")[0] for n in old.namelist() if n.endswith(".dist-info/METADATA"))
+        metadata_name, record_name = f"{dist_info}/METADATA", f"{dist_info}/RECORD"
+        metadata = pin_torch(old.read(metadata_name).decode(), version).encode()
+        digest = base64.urlsafe_b64encode(hashlib.sha256(metadata).digest()).rstrip(b"=").decode()
+        record = "".join(
+            f"{metadata_name},sha256={digest},{len(metadata)}\n" if line.startswith(f"{metadata_name},") else line
+            for line in old.read(record_name).decode().splitlines(keepends=True)
+        )
+        replaced = {metadata_name: metadata, record_name: record.encode()}
+        pinned = wheel_path.with_name(wheel_path.name + ".pinned")
+        with zipfile.ZipFile(pinned, "w") as new:
+            for item in old.infolist():  # each keeps its own compression
+                new.writestr(item, replaced.get(item.filename) or old.read(item))
+    os.replace(pinned, wheel_path)
 
 
 def _with_torch(config_settings: dict | None) -> dict:
@@ -139,8 +141,7 @@ def _with_torch(config_settings: dict | None) -> dict:
 
 
 def _requires(requires: list[str]) -> list[str]:
-    # wheel: WheelFile, to rewrite the wheel's metadata with its RECORD.
-    return [*requires, "wheel>=0.40"] + ([] if installed_torch() else [torch_requirement()])
+    return requires + ([] if installed_torch() else [torch_requirement()])
 
 
 def get_requires_for_build_wheel(config_settings=None):
@@ -151,37 +152,19 @@ def get_requires_for_build_editable(config_settings=None):
     return _requires(_skbuild.get_requires_for_build_editable(config_settings))
 
 
-def _prepare_metadata(prepare, metadata_directory, config_settings):
-    dist_info = prepare(metadata_directory, config_settings)
-    version = build_torch_version()
-    if version is not None:
-        path = Path(metadata_directory, dist_info, "METADATA")
-        path.write_text(pin_torch(path.read_text(), version))
-    return dist_info
-
-
-def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
-    return _prepare_metadata(_skbuild.prepare_metadata_for_build_wheel, metadata_directory, config_settings)
-
-
-def prepare_metadata_for_build_editable(metadata_directory, config_settings=None):
-    return _prepare_metadata(_skbuild.prepare_metadata_for_build_editable, metadata_directory, config_settings)
-
-
-def _build(build, wheel_directory, config_settings, metadata_directory):
-    # Not given the prepared metadata: scikit-build-core would find it differs from its own
-    # by the pin; the pinned wheel below then matches what was prepared.
-    del metadata_directory
-    name = build(wheel_directory, _with_torch(config_settings), None)
+def _build(build, wheel_directory, config_settings):
+    name = build(wheel_directory, _with_torch(config_settings))
     version = build_torch_version()
     if version is not None:
         _pin_torch_in_wheel(Path(wheel_directory, name), version)
     return name
 
 
+# No prepare_metadata_* hooks: scikit-build-core would reject prepared metadata that the pin
+# made differ from its own, so frontends read the metadata from the built (pinned) wheel.
 def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):
-    return _build(_skbuild.build_wheel, wheel_directory, config_settings, metadata_directory)
+    return _build(_skbuild.build_wheel, wheel_directory, config_settings)
 
 
 def build_editable(wheel_directory, config_settings=None, metadata_directory=None):
-    return _build(_skbuild.build_editable, wheel_directory, config_settings, metadata_directory)
+    return _build(_skbuild.build_editable, wheel_directory, config_settings)

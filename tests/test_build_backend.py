@@ -5,9 +5,12 @@ The end-to-end behaviour, ``pip install <checkout>`` in new venvs, is tests/test
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import subprocess
 import sys
 import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,7 +18,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "build_backend"))
 switch_sae_build = pytest.importorskip("switch_sae_build", reason="needs scikit-build-core (a build tool)")
-wheelfile = pytest.importorskip("wheel.wheelfile", reason="needs wheel (a build tool)")
 
 METADATA = """Metadata-Version: 2.2
 Name: switch_sae
@@ -43,18 +45,31 @@ def test_torch_requirement_comes_from_the_project_dependencies():
     assert switch_sae_build.torch_requirement().replace(" ", "").startswith("torch>=")
 
 
+def record_line(name: str, data: bytes) -> str:
+    digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+    return f"{name},sha256={digest},{len(data)}\n"
+
+
 def test_pinned_wheel_keeps_a_valid_record(tmp_path):
     wheel = tmp_path / "switch_sae-0.1.0-cp311-cp311-linux_x86_64.whl"
-    with wheelfile.WheelFile(wheel, "w") as out:
-        out.writestr("switch_sae/__init__.py", b"x = 1\n")
-        out.writestr("switch_sae-0.1.0.dist-info/METADATA", METADATA.encode())
-        out.writestr("switch_sae-0.1.0.dist-info/WHEEL", b"Wheel-Version: 1.0\n")
+    files = {"switch_sae/__init__.py": b"x = 1\n", "switch_sae-0.1.0.dist-info/METADATA": METADATA.encode()}
+    record = "".join(record_line(name, data) for name, data in files.items()) + "switch_sae-0.1.0.dist-info/RECORD,,\n"
+    with zipfile.ZipFile(wheel, "w", zipfile.ZIP_DEFLATED) as out:
+        for name, data in files.items():
+            out.writestr(name, data)
+        out.writestr("switch_sae-0.1.0.dist-info/RECORD", record)
     switch_sae_build._pin_torch_in_wheel(wheel, "2.14.1")
-    # Reading every member checks it against the RECORD hashes (WheelFile raises otherwise).
-    with wheelfile.WheelFile(wheel) as pinned:
+    with zipfile.ZipFile(wheel) as pinned:
         contents = {name: pinned.read(name) for name in pinned.namelist()}
-    assert b"Requires-Dist: torch==2.14.1\n" in contents["switch_sae-0.1.0.dist-info/METADATA"]
+        assert all(item.compress_type == zipfile.ZIP_DEFLATED for item in pinned.infolist())
+    metadata = contents["switch_sae-0.1.0.dist-info/METADATA"]
+    assert b"Requires-Dist: torch==2.14.1\n" in metadata
     assert contents["switch_sae/__init__.py"] == b"x = 1\n"
+    assert contents["switch_sae-0.1.0.dist-info/RECORD"].decode() == (
+        record_line("switch_sae/__init__.py", b"x = 1\n")
+        + record_line("switch_sae-0.1.0.dist-info/METADATA", metadata)
+        + "switch_sae-0.1.0.dist-info/RECORD,,\n"
+    )
     assert [p.name for p in tmp_path.iterdir()] == [wheel.name]  # no scratch left behind
 
 

@@ -6,7 +6,8 @@ another Python (``SWITCH_SAE_CUDA_PYTHON``, e.g. a venv made with
 Python: loads the built ``_C`` module on this GPU-less machine, asks the dispatcher
 whether every op has a CUDA kernel, checks ``with_cuda()``, and lists the embedded GPU
 architectures with ``cuobjdump --list-elf``. Also builds the same torch without CUDA
-kernels (``SWITCH_SAE_CUDA=OFF``, as where nvcc is missing) and loads that.
+kernels (``SWITCH_SAE_CUDA=OFF``, as where nvcc is missing) and loads that; that second
+compile is marked ``install`` and runs under ``make test-install``.
 
 Environment:
     SWITCH_SAE_CUDA_PYTHON     python with a CUDA torch (required, else skipped).
@@ -182,6 +183,7 @@ def test_binary_embeds_sm80_and_sm90_and_every_kernel(build, cuda_python):
         assert kernel in symbols.stdout, f"{kernel} is not in the binary"
 
 
+@pytest.mark.install  # a second full compile: run by `make test-install`, not `make test`
 def test_cuda_torch_without_cuda_kernels_builds_and_loads(cuda_python, tmp_path):
     # The common case of a CUDA build of torch where no CUDA kernels are compiled (no nvcc,
     # or SWITCH_SAE_CUDA=OFF from the environment as here): torch's CMake config would
