@@ -1,7 +1,7 @@
 """Feature geometry of Switch SAEs vs a TopK SAE trained on the same synthetic activations.
 
 Trains (with ``switch_sae.training.Trainer``, the paper's recipe + AuxK) a TopK SAE and Switch
-SAEs of the same total width (width-matched) and one FLOP-matched Switch SAE on ``switch_sae.data.synthetic`` activations,
+SAEs of the same total width (width-matched) and one FLOP-matched Switch SAE on ``switch_sae.activations.synthetic`` activations,
 scores each on one held-out batch (MSE, L0, ground-truth recovery), then runs
 ``switch_sae.evals.analyze_runs`` on all of them: duplicate fraction, duplicate groups,
 expert-similarity matrices (random-block control for the TopK SAE), t-SNE, plots.
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import torch
 
-from switch_sae.data.synthetic import SyntheticActivations, SyntheticConfig, mean_max_cosine
+from switch_sae.activations.synthetic import SyntheticActivations, SyntheticConfig, mean_max_cosine
 from switch_sae.evals.experts import expert_stats
 from switch_sae.evals.report import analyze_runs
-from switch_sae.io import atomic_write_json
+from switch_sae.utils.io import atomic_write_json
 from switch_sae.models import SwitchSAE, SwitchSAEConfig, TopKSAE, TopKSAEConfig
 from switch_sae.training import TrainConfig, Trainer
 

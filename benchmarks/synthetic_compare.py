@@ -28,7 +28,7 @@ import torch
 
 import switch_sae
 from switch_sae import SwitchSAE, SwitchSAEConfig, TopKSAE, TopKSAEConfig, TrainConfig, Trainer
-from switch_sae.data import SyntheticActivations, SyntheticConfig, mean_max_cosine
+from switch_sae.activations import SyntheticActivations, SyntheticConfig, mean_max_cosine
 from switch_sae.models import losses
 
 DATA = SyntheticConfig(d_in=64, n_features=256, n_clusters=8, features_per_token=3)

@@ -27,7 +27,7 @@ from switch_sae import (
     Trainer,
     ops,
 )
-from switch_sae.data import SyntheticActivations, SyntheticConfig, mean_max_cosine
+from switch_sae.activations import SyntheticActivations, SyntheticConfig, mean_max_cosine
 from switch_sae.models import losses
 from switch_sae.models.auxk import dead_latent_code
 from switch_sae.training import CheckpointError, geometric_median

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..io import DamagedFileError, atomic_write, atomic_write_json, check_sha256, read_json_object, sha256_file
-from ..typed_config import config_from_dict
+from ..utils.io import DamagedFileError, atomic_write, atomic_write_json, check_sha256, read_json_object, sha256_file
+from ..utils.typed_config import config_from_dict
 from .harvest import iter_activations
 
 MANIFEST = "manifest.json"

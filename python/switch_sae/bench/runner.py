@@ -19,8 +19,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..cli_args import add_dataclass_arguments, dataclass_from_args, explicit_fields
-from ..io import atomic_write, atomic_write_json
+from ..cli.args import add_dataclass_arguments, dataclass_from_args, explicit_fields
+from ..utils.io import atomic_write, atomic_write_json
 from . import report
 from .config import QUICK, BenchConfig
 from .plot import plot_all

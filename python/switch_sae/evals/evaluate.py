@@ -34,7 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..activations.harvest import check_hook_names, check_tokens, flatten_heads, harvest, model_device
-from ..io import atomic_write_json
+from ..utils.io import atomic_write_json
 from .dead import eval_dead_latents, training_dead_latents
 from .experts import ExpertStatsAccumulator
 from .metrics import ReconstructionMetrics

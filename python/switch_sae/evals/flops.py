@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from ..models.base import _REGISTRY, SAE
+from ..models.base import SAE, architectures
 from ..models.switch import SwitchSAE, SwitchSAEConfig
 
 ARCHITECTURES = ("switch", "topk", "batchtopk", "relu", "jumprelu", "gated")
@@ -122,8 +122,9 @@ def shape_of(obj: Any) -> SAEShape:
     architecture = getattr(obj, "architecture", None) if hasattr(obj, "cfg") else None
     if architecture is None:
         # Exact type first: one config class may subclass another's.
-        matches = [name for name, cls in _REGISTRY.items() if type(cfg) is cls.config_class]
-        matches = matches or [name for name, cls in _REGISTRY.items() if isinstance(cfg, cls.config_class)]
+        registered = architectures().items()
+        matches = [name for name, cls in registered if type(cfg) is cls.config_class]
+        matches = matches or [name for name, cls in registered if isinstance(cfg, cls.config_class)]
         if not matches:
             raise TypeError(f"cannot tell the architecture of a {type(obj).__name__}; pass an SAE, its config or an SAEShape")
         architecture = matches[0]
@@ -287,5 +288,5 @@ def make_saes(baseline: Any, n_experts: int, *, seed: int = 0, **switch_override
     saes = {}
     for i, (name, cfg) in enumerate(configs.items()):
         torch.manual_seed(seed + i)
-        saes[name] = SwitchSAE(cfg) if name.startswith("switch-") else _REGISTRY[architecture](cfg)
+        saes[name] = SwitchSAE(cfg) if name.startswith("switch-") else architectures()[architecture](cfg)
     return saes

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..io import atomic_write, atomic_write_json
+from ..utils.io import atomic_write, atomic_write_json
 from ..models.base import CONFIG_FILE, SAE, WEIGHTS_FILE
 from . import geometry, plots
 from .experts import expert_stats

@@ -44,13 +44,13 @@ from typing import Any
 import torch
 
 from ..activations import hook_d_in
-from ..demo import evaluate_trained, log
-from ..demo_report import format_table
+from ..activations.pipeline import DataConfig, activation_source, check_inputs, eval_tokens, load_language_model, training_batches
 from ..evals import flops, plots
-from ..io import atomic_write, atomic_write_json
 from ..models import SAE, GatedSAE, GatedSAEConfig, ReLUSAE, ReLUSAEConfig, TopKSAEConfig
-from ..pipeline import DataConfig, activation_source, check_inputs, eval_tokens, load_language_model, training_batches
 from ..training import TrainConfig, Trainer
+from ..utils.io import atomic_write, atomic_write_json
+from .demo import evaluate_trained, log
+from .demo_report import format_table
 
 CONFIG_FILE = "reproduce_config.json"
 RESUMABLE = ("progress", "keep_activations", "out")  # may change between a run and its continuation

@@ -46,7 +46,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ..io import atomic_write_json, atomic_write_safetensors
+from ..utils.io import atomic_write_json, atomic_write_safetensors
 from ..models import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, SwitchSAE, TopKSAE
 from ..models.base import SAE
 

@@ -1,6 +1,6 @@
 """SAE architectures behind one interface (``SAE``): Switch and the baselines."""
 
-from .base import SAE, ForwardOutput, SparseCode
+from .base import SAE, ForwardOutput, SparseCode, architectures
 from .batchtopk import BatchTopKSAE, BatchTopKSAEConfig
 from .gated import GatedSAE, GatedSAEConfig
 from .jumprelu import JumpReLUSAE, JumpReLUSAEConfig
@@ -24,4 +24,5 @@ __all__ = [
     "GatedSAEConfig",
     "JumpReLUSAE",
     "JumpReLUSAEConfig",
+    "architectures",
 ]

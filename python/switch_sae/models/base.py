@@ -30,7 +30,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..io import (
+from ..utils.io import (
     DamagedFileError,
     atomic_write_json,
     atomic_write_safetensors,
@@ -41,7 +41,7 @@ from ..io import (
     read_safetensors_metadata,
     sha256_file,
 )
-from ..typed_config import config_from_dict
+from ..utils.typed_config import config_from_dict
 from . import losses
 
 try:  # TransformerLens hook points, so users can hook an SAE like any TL module.
@@ -106,6 +106,11 @@ def register_architecture(cls: type["SAE"]) -> type["SAE"]:
     """Class decorator: make ``SAE.load`` able to rebuild this architecture by name."""
     _REGISTRY[cls.architecture] = cls
     return cls
+
+
+def architectures() -> dict[str, type["SAE"]]:
+    """Every registered architecture by name (``"switch"``, ``"topk"``, ...), as a new dict."""
+    return dict(_REGISTRY)
 
 
 class SAE(HookedRootModule):

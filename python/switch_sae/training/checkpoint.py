@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..io import (
+from ..utils.io import (
     DamagedFileError,
     atomic_write_json,
     atomic_write_safetensors,

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 
 from ..models import losses
 from ..models.base import SAE
-from ..typed_config import config_from_dict
+from ..utils.typed_config import config_from_dict
 from .checkpoint import CheckpointError, load_checkpoint, newest_valid, read_state, save_checkpoint
 from .config import TrainConfig
 from .dead import DeadLatentTracker, fired_latents, l0

@@ -1,6 +1,6 @@
 """The ``switch-sae`` command (also ``python -m switch_sae``): train | eval | analyze | dashboard | bench | demo | reproduce | selftest.
 
-Options are derived from the config dataclasses (``cli_args``), so ``switch-sae <command>
+Options are derived from the config dataclasses (``cli.args``), so ``switch-sae <command>
 --help`` documents every field with its docstring and default:
 
 - ``demo``: the main job (``demo.DemoConfig``): TopK vs FLOP- and width-matched Switch SAEs.
@@ -31,11 +31,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .cli_args import add_dataclass_arguments, dataclass_from_args
-from .demo import DemoConfig
-from .models.base import _REGISTRY
-from .pipeline import DataConfig
-from .training import TrainConfig
+from ..activations.pipeline import DataConfig
+from ..experiments.demo import DemoConfig
+from ..models import architectures
+from ..training import TrainConfig
+from .args import add_dataclass_arguments, dataclass_from_args
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -52,7 +52,7 @@ class UsageError(Exception):
 @contextlib.contextmanager
 def usage_errors() -> Iterator[None]:
     """Turn the errors that validating configs and inputs raises into ``UsageError``."""
-    from .training import CheckpointError
+    from ..training import CheckpointError
 
     try:
         yield
@@ -92,13 +92,13 @@ def add_demo(commands: Any) -> None:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    from .demo import execute_demo, prepare_demo
+    from ..experiments.demo import execute_demo, prepare_demo
 
     return run_workflow(args, DemoConfig, prepare_demo, execute_demo, "switch-sae demo --resume --out {out}")
 
 
 def add_reproduce(commands: Any) -> None:
-    from .experiments.reproduce import ReproduceConfig
+    from ..experiments.reproduce import ReproduceConfig
 
     add_workflow(
         commands, "reproduce", ReproduceConfig, run_reproduce_command,
@@ -111,7 +111,7 @@ def add_reproduce(commands: Any) -> None:
 
 
 def run_reproduce_command(args: argparse.Namespace) -> int:
-    from .experiments.reproduce import ReproduceConfig, execute_reproduce, prepare_reproduce
+    from ..experiments.reproduce import ReproduceConfig, execute_reproduce, prepare_reproduce
 
     return run_workflow(args, ReproduceConfig, prepare_reproduce, execute_reproduce, "the same command with --out {out}")
 
@@ -124,9 +124,9 @@ def add_train(commands: Any) -> None:
         "train", help="train one SAE on activations harvested from a model, or stored ones",
         description="Train one SAE. Pick the architecture, then see `switch-sae train ARCH --help`.",
     )
-    architectures = parser.add_subparsers(dest="architecture", required=True, metavar="ARCH")
-    for name, cls in sorted(_REGISTRY.items()):
-        sub = architectures.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0],
+    arch_parsers = parser.add_subparsers(dest="architecture", required=True, metavar="ARCH")
+    for name, cls in sorted(architectures().items()):
+        sub = arch_parsers.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0],
                                        description=f"Train a {name} SAE. {cls.__doc__ or ''}".strip())
         sub.add_argument("--out", default="", help="run folder (default: runs/train-<architecture>-<date>-<time>)")
         sub.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
@@ -147,12 +147,12 @@ def run_train_command(args: argparse.Namespace) -> int:
     import dataclasses
     import time
 
-    from .activations import hook_d_in, open_activations
-    from .models import SAE
-    from .pipeline import activation_source, check_inputs, load_language_model, training_batches
-    from .training import Trainer
+    from ..activations import hook_d_in, open_activations
+    from ..models import SAE
+    from ..activations.pipeline import activation_source, check_inputs, load_language_model, training_batches
+    from ..training import Trainer
 
-    cls = _REGISTRY[args.architecture]
+    cls = architectures()[args.architecture]
     with usage_errors():
         data = dataclass_from_args(DataConfig, args)
         stored = open_activations(args.activations, column=args.activations_column or None) if args.activations else None
@@ -201,9 +201,9 @@ def add_eval(commands: Any) -> None:
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
-    from .evals.report import find_sae_dir
-    from .models import SAE
-    from .pipeline import check_inputs, load_language_model
+    from ..evals.report import find_sae_dir
+    from ..models import SAE
+    from ..activations.pipeline import check_inputs, load_language_model
 
     with usage_errors():
         data = dataclass_from_args(DataConfig, args)
@@ -219,8 +219,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 def evaluate_and_save(sae: Any, lm: Any, data: DataConfig, folder: Path) -> None:
     """Evaluate ``sae`` on ``data``'s held-out tokens at its hook; print and save ``eval.json``."""
-    from .evals.evaluate import evaluate
-    from .pipeline import eval_tokens
+    from ..evals.evaluate import evaluate
+    from ..activations.pipeline import eval_tokens
 
     hook = data.hook_name or sae.cfg.hook_name or data.resolved_hook()
     result = evaluate(sae, lm, eval_tokens(data, lm), hook, batch_size=data.harvest_batch, progress=data.progress)
@@ -245,7 +245,7 @@ def add_analyze(commands: Any) -> None:
 
 
 def run_analyze_command(args: argparse.Namespace) -> int:
-    from .evals.report import analyze_runs, find_sae_dir
+    from ..evals.report import analyze_runs, find_sae_dir
 
     with usage_errors():
         for run_dir in args.run_dirs:
@@ -259,7 +259,7 @@ def run_analyze_command(args: argparse.Namespace) -> int:
 
 
 def add_dashboard(commands: Any) -> None:
-    from .dashboard import DashboardConfig
+    from ..dashboard import DashboardConfig
 
     parser = commands.add_parser(
         "dashboard", help="a static site showing every feature: top contexts, histograms, logit effects, experts",
@@ -278,10 +278,10 @@ def add_dashboard(commands: Any) -> None:
 def run_dashboard_command(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .dashboard import DashboardConfig, build_dashboard
-    from .evals.report import find_sae_dir
-    from .models import SAE
-    from .pipeline import check_inputs, eval_tokens, load_language_model
+    from ..dashboard import DashboardConfig, build_dashboard
+    from ..evals.report import find_sae_dir
+    from ..models import SAE
+    from ..activations.pipeline import check_inputs, eval_tokens, load_language_model
 
     with usage_errors():
         if not Path(args.sae_dir).is_dir():
@@ -305,7 +305,7 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
 
 
 def add_bench(commands: Any) -> None:
-    from .bench import add_arguments
+    from ..bench import add_arguments
 
     parser = commands.add_parser(
         "bench", help="time the ops and training steps against the alternatives",
@@ -317,8 +317,8 @@ def add_bench(commands: Any) -> None:
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    from .bench import run_benchmarks
-    from .bench.runner import config_from_args
+    from ..bench import run_benchmarks
+    from ..bench.runner import config_from_args
 
     with usage_errors():
         cfg = config_from_args(args)
@@ -340,7 +340,7 @@ def add_selftest(commands: Any) -> None:
 
 
 def run_selftest_command(args: argparse.Namespace) -> int:
-    from .self_test import selftest
+    from ..self_test import selftest
 
     with usage_errors():
         report = selftest(args.device)

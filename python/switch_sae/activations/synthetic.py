@@ -16,7 +16,7 @@ how many a learnt dictionary found.
 Everything is drawn from ``torch.Generator``s seeded from the config, so a config and a
 seed give the same data on every run and machine (CPU).
 
-What it leaves out: real model activations (``switch_sae.activations``).
+What it leaves out: real model activations (the rest of ``switch_sae.activations``).
 """
 
 from __future__ import annotations

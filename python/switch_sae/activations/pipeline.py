@@ -23,9 +23,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .activations import CacheSpec, ShufflingBuffer, batched, build_cache, iter_activations
-from .activations import default_model as embedded
-from .activations.text import bos_settings, iter_contexts, iter_documents
+from . import default_model as embedded
+from .buffer import ShufflingBuffer
+from .cache import CacheSpec, build_cache
+from .harvest import iter_activations
+from .text import batched, bos_settings, iter_contexts, iter_documents
 
 PAPER_HOOK = "blocks.8.hook_resid_post"  # the paper's GPT-2 small layer (output of block 8)
 SIZE_FIELDS = ("context_size", "train_tokens", "epochs", "eval_contexts", "batch_size", "harvest_batch")

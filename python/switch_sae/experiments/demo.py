@@ -37,13 +37,13 @@ from typing import Any, Literal
 
 import torch
 
-from .activations import hook_d_in
-from .evals import flops, geometry
-from .evals.evaluate import evaluate_many
-from .io import atomic_write_json
-from .models import SAE, TopKSAEConfig
-from .pipeline import DataConfig, activation_source, check_inputs, eval_tokens, load_language_model, training_batches
-from .training import TrainConfig, Trainer
+from ..activations import hook_d_in
+from ..activations.pipeline import DataConfig, activation_source, check_inputs, eval_tokens, load_language_model, training_batches
+from ..evals import flops, geometry
+from ..evals.evaluate import evaluate_many
+from ..models import SAE, TopKSAEConfig
+from ..training import TrainConfig, Trainer
+from ..utils.io import atomic_write_json
 
 CONFIG_FILE = "demo_config.json"
 # Fields that may differ between a run and its resumption (they do not change the result).
@@ -291,8 +291,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 
 def execute_demo(cfg: DemoConfig) -> DemoResult:
     """The work of ``run_demo`` on a config returned by ``prepare_demo``."""
+    from ..evals.report import analyze_runs
     from .demo_report import format_table, write_report
-    from .evals.report import analyze_runs
 
     start = time.perf_counter()
     out = Path(cfg.out)
