@@ -121,4 +121,4 @@ def dead_latent_code(model: SAE, x: Tensor, out: ForwardOutput, dead: Tensor, k_
     else:
         experts = out.experts.reshape(x.shape[0], -1)  # [batch, n_active]
         gates = out.gates.reshape(x.shape[0], -1).detach().to(x.dtype)  # the forward pass's own gates
-    return encode_routed(x, W_enc, bias, model.b_dec, gates, experts, k_aux, model.cfg.tile_rows)
+    return encode_routed(x, W_enc, bias, model.b_dec, gates, experts, k_aux, model.cfg.tile_rows, model.exchange)

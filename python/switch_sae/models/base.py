@@ -126,6 +126,14 @@ class SAE(HookedRootModule):
         # on by default because a non-finite input silently poisons TopK and training.
         # Under torch.compile the scan is skipped (data-dependent control flow).
         self.check_finite_inputs = True
+        self.hook_sae_input = HookPoint()  # [batch, d_in]
+        self.hook_sae_acts_post = HookPoint()  # [batch, k] sparse values or [batch, d_sae]
+        self.hook_sae_recons = HookPoint()  # [batch, d_in]
+
+    def setup_hooks(self) -> None:
+        """Register the hook points with TransformerLens; call at the end of a subclass ``__init__``."""
+        if HookedRootModule is not nn.Module:
+            self.setup()
 
     # -- the interface -------------------------------------------------------
     @property

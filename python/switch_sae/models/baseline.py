@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from . import losses
-from .base import SAE, HookPoint, HookedRootModule, parse_dtype
+from .base import SAE, parse_dtype
 
 
 def check_positive_int(owner: object, *names: str) -> None:
@@ -88,14 +88,6 @@ class DictionarySAE(SAE):
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_dec.clone())  # [d_sae, d_in]
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **self.factory))  # [d_in] the pre-bias
-        self.hook_sae_input = HookPoint()  # [batch, d_in]
-        self.hook_sae_acts_post = HookPoint()  # [batch, k] sparse values or [batch, d_sae]
-        self.hook_sae_recons = HookPoint()  # [batch, d_in]
-
-    def setup_hooks(self) -> None:
-        """Register the hook points; call at the end of a subclass ``__init__``."""
-        if HookedRootModule is not nn.Module:
-            self.setup()
 
     @property
     def d_sae(self) -> int:

@@ -4,9 +4,20 @@
     code  = TopK_k( union over selected e of  gate_e * ReLU(TopK_k(W_enc[e] (x - b_dec) + b_enc[e])) )
     x_hat = sum_j code.values[j] * W_dec_flat[code.indices[j]] + b_dec
 
-Tokens are grouped by expert (``ops.dispatch``) and only their expert's encoder rows are
-multiplied (``ops.encode_topk``), so the encoder costs ``n_active * d_expert`` rather
-than ``d_sae`` multiply-adds per token per input dimension; decoding is a gather-sum.
+One forward pass of ``x [batch, d_in]``, stage by stage (the stages live in ``routed.py``):
+
+    route     probs [batch, n_experts]; experts, gates [batch, n_active]     (``route`` below)
+    dispatch  the rows = batch * n_active (token, expert) pairs grouped by expert: ``Grouped``
+              (tokens [batch, d_in], order [rows], offsets [n_experts + 1])
+    exchange  ``Grouped`` to the process owning each expert and codes back (``self.exchange``;
+              the identity on one process)
+    encode    values, indices [rows, k]: each pair's TopK over its expert's d_expert features
+    combine   values * gate; each token's n_active * k candidates merged into its top k: [batch, k]
+    decode    x_hat [batch, d_in] = gather-sum of k decoder rows + b_dec
+
+Only a token's own experts' encoder rows are multiplied (``ops.encode_topk``), so the
+encoder costs ``n_active * d_expert`` rather than ``d_sae`` multiply-adds per token per input
+dimension, and no ``[batch, d_sae]`` tensor is ever built.
 The gate is the router's (not renormalised) probability: with one active expert it is
 ``p_max``, which is how the router learns from the reconstruction loss (paper, sec. 3);
 ``gate="renormalized"`` divides it by the sum over the selected experts (Scale SAE).
@@ -25,11 +36,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import ops, reference
+from .. import reference
 from . import losses
 from .auxk import AuxKConfig, AuxKTerms
-from .base import SAE, ForwardOutput, HookPoint, HookedRootModule, SparseCode, parse_dtype, register_architecture
-from .routed import encode_routed
+from .base import ForwardOutput, HookPoint, SparseCode, parse_dtype, register_architecture
+from .routed import RoutedSAE, encode_routed
 
 
 @dataclass
@@ -91,7 +102,7 @@ class SwitchSAEConfig(AuxKConfig):
 
 
 @register_architecture
-class SwitchSAE(AuxKTerms, SAE):
+class SwitchSAE(AuxKTerms, RoutedSAE):
     """Switch SAE: a router sends each token to ``n_active`` of ``n_experts`` TopK SAEs."""
 
     architecture = "switch"
@@ -113,12 +124,8 @@ class SwitchSAE(AuxKTerms, SAE):
         if cfg.feature_scaling:
             self.feature_T = nn.Parameter(torch.eye(d, **factory))  # [d_in, d_in]
             self.feature_w = nn.Parameter(torch.zeros(E, **factory))  # [n_experts]
-        self.hook_sae_input = HookPoint()  # [batch, d_in]
         self.hook_router_probs = HookPoint()  # [batch, n_experts]
-        self.hook_sae_acts_post = HookPoint()  # [batch, k] gated sparse values
-        self.hook_sae_recons = HookPoint()  # [batch, d_in]
-        if HookedRootModule is not nn.Module:
-            self.setup()
+        self.setup_hooks()
 
     @property
     def d_sae(self) -> int:
@@ -152,47 +159,14 @@ class SwitchSAE(AuxKTerms, SAE):
         probs, gates, experts = reference.route(x, self.W_router, self.b_router, self.cfg.n_active, self.cfg.gate)
         return self.hook_router_probs(probs), gates.to(x.dtype), experts
 
-    def _encode_routed(self, x: Tensor, gates: Tensor, experts: Tensor) -> SparseCode:
+    def encode_batch(self, x: Tensor, update_state: bool) -> tuple[SparseCode, dict[str, Tensor]]:
+        """route -> dispatch -> exchange -> encode -> combine (``models.routed``) of ``x [batch, d_in]``."""
         cfg = self.cfg
-        return encode_routed(
-            x, self.encoder_weight(), self.b_enc, self.b_dec, gates, experts, cfg.k, cfg.tile_rows
-        )
-
-    def encode(self, x: Tensor) -> SparseCode:
-        """``x [..., d_in]`` -> ``SparseCode`` with values/indices of shape ``[..., k]``."""
-        x, lead = self.check_input(x)
-        _, gates, experts = self.route(x)
-        code = self._encode_routed(x, gates, experts)
-        k = self.cfg.k
-        return SparseCode(code.values.view(*lead, k), code.indices.view(*lead, k))
-
-    def encode_dense(self, x: Tensor) -> Tensor:
-        code = self.encode(x)
-        dense = code.values.new_zeros(*code.values.shape[:-1], self.d_sae)
-        return dense.scatter(-1, code.indices, code.values)
-
-    def decode(self, code: SparseCode) -> Tensor:
-        values, indices = code  # [..., k] each
-        lead, k = values.shape[:-1], values.shape[-1]
-        flat = ops.decode(values.reshape(-1, k), indices.reshape(-1, k), self.W_dec_flat)
-        return (flat + self.b_dec).view(*lead, self.d_in)
-
-    def forward(self, x: Tensor) -> ForwardOutput:
-        x, lead = self.check_input(x)
-        x = self.hook_sae_input(x)  # [batch, d_in]
         probs, gates, experts = self.route(x)
-        code = self._encode_routed(x, gates, experts)
-        values = self.hook_sae_acts_post(code.values)  # [batch, k]
-        x_hat = self.hook_sae_recons(ops.decode(values, code.indices, self.W_dec_flat) + self.b_dec)
-        cfg = self.cfg
-        return ForwardOutput(
-            x_hat=x_hat.view(*lead, self.d_in),
-            code=SparseCode(values.view(*lead, cfg.k), code.indices.view(*lead, cfg.k)),
-            acts=None,
-            router_probs=probs.view(*lead, cfg.n_experts),
-            experts=experts.view(*lead, cfg.n_active),
-            gates=gates.view(*lead, cfg.n_active),
+        code = encode_routed(
+            x, self.encoder_weight(), self.b_enc, self.b_dec, gates, experts, cfg.k, cfg.tile_rows, self.exchange
         )
+        return code, {"router_probs": probs, "experts": experts, "gates": gates}
 
     def training_terms(self, x: Tensor, out: ForwardOutput, dead: Tensor | None = None) -> dict[str, Tensor]:
         """Reconstruction, AuxK (``auxk``, once latents are dead) and load balancing (``lb``)."""

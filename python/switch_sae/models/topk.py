@@ -18,11 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import ops
 from .auxk import AuxKConfig, AuxKTerms
-from .base import ForwardOutput, SparseCode, register_architecture
+from .base import SparseCode, register_architecture
 from .baseline import DictionaryConfig, DictionarySAE, check_positive_int
-from .routed import encode_routed, single_expert
+from .routed import RoutedSAE, encode_routed, single_expert
 
 
 @dataclass(kw_only=True)
@@ -45,7 +44,7 @@ class TopKSAEConfig(AuxKConfig, DictionaryConfig):
 
 
 @register_architecture
-class TopKSAE(AuxKTerms, DictionarySAE):
+class TopKSAE(AuxKTerms, RoutedSAE, DictionarySAE):
     """TopK SAE: keep the k largest pre-activations of each token."""
 
     architecture = "topk"
@@ -64,37 +63,11 @@ class TopKSAE(AuxKTerms, DictionarySAE):
         """``[1, d_sae]`` or None, matching ``encoder_weight``."""
         return None if self.b_enc is None else self.b_enc.unsqueeze(0)
 
-    def _encode_flat(self, x: Tensor) -> SparseCode:
+    def encode_batch(self, x: Tensor, update_state: bool) -> tuple[SparseCode, dict[str, Tensor]]:
+        """dispatch -> encode (``models.routed``) of ``x [batch, d_in]``, every token to the one expert."""
         experts = single_expert(x.shape[0], x.device)  # [batch, 1]
-        return encode_routed(
-            x, self.encoder_weight(), self.encoder_bias(), self.b_dec, None, experts, self.cfg.k, self.cfg.tile_rows
+        code = encode_routed(
+            x, self.encoder_weight(), self.encoder_bias(), self.b_dec, None, experts, self.cfg.k, self.cfg.tile_rows,
+            self.exchange,
         )
-
-    def encode(self, x: Tensor) -> SparseCode:
-        """``x [..., d_in]`` -> ``SparseCode`` with values/indices of shape ``[..., k]``."""
-        x, lead = self.check_input(x)
-        values, indices = self._encode_flat(x)
-        return SparseCode(values.view(*lead, self.cfg.k), indices.view(*lead, self.cfg.k))
-
-    def encode_dense(self, x: Tensor) -> Tensor:
-        values, indices = self.encode(x)
-        return values.new_zeros(*values.shape[:-1], self.d_sae).scatter(-1, indices, values)
-
-    def decode(self, code: SparseCode) -> Tensor:
-        values, indices = code  # [..., k] each
-        lead, k = values.shape[:-1], values.shape[-1]
-        flat = ops.decode(values.reshape(-1, k), indices.reshape(-1, k), self.W_dec)
-        return (flat + self.b_dec).view(*lead, self.d_in)
-
-    def forward(self, x: Tensor) -> ForwardOutput:
-        x, lead = self.check_input(x)
-        x = self.hook_sae_input(x)  # [batch, d_in]
-        code = self._encode_flat(x)
-        values = self.hook_sae_acts_post(code.values)  # [batch, k]
-        x_hat = self.hook_sae_recons(ops.decode(values, code.indices, self.W_dec) + self.b_dec)
-        k = self.cfg.k
-        return ForwardOutput(
-            x_hat=x_hat.view(*lead, self.d_in),
-            code=SparseCode(values.view(*lead, k), code.indices.view(*lead, k)),
-            acts=None,
-        )
+        return code, {}
