@@ -34,6 +34,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..activations.harvest import check_hook_names, check_tokens, flatten_heads, harvest, model_device
+from ..utils.checks import check_int
 from ..utils.io import atomic_write_json
 from .dead import eval_dead_latents, training_dead_latents
 from .experts import ExpertStatsAccumulator
@@ -239,8 +240,7 @@ def evaluate_many(
         raise ValueError(f"run_dirs names SAEs that are not in saes: {sorted(unknown)}")
     hook_name = _check_hook(saes, hook_name)
     check_hook_names(model, hook_name)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     tokens = check_tokens(tokens).to(model_device(model))
     if tokens.shape[1] < 2:
         raise ValueError(f"tokens must have at least 2 positions to score next-token loss, got {tuple(tokens.shape)}")

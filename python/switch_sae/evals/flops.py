@@ -34,6 +34,7 @@ import torch
 
 from ..models.base import SAE, architectures
 from ..models.switch import SwitchSAE, SwitchSAEConfig
+from ..utils.checks import check_int, check_int_fields, is_int
 
 ARCHITECTURES = ("switch", "topk", "batchtopk", "relu", "jumprelu", "gated")
 SPARSE_FAMILY = ("switch", "topk", "batchtopk")
@@ -64,10 +65,7 @@ class SAEShape:
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
-        for name in ("d_in", "d_sae", "n_experts", "n_active"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int_fields(self, "d_in", "d_sae", "n_experts", "n_active")
         if self.architecture in SPARSE_FAMILY and not 1 <= self.k <= self.d_sae // self.n_experts:
             raise ValueError(f"k must be in [1, d_expert={self.d_sae // self.n_experts}] for {self.architecture!r}, got {self.k!r}")
         if self.d_sae % self.n_experts or self.n_active > self.n_experts:
@@ -103,8 +101,7 @@ class FlopCount:
 
     def step_per_token(self, batch_size: int) -> float:
         """Forward + backward + the per-step work shared by ``batch_size`` tokens."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        check_int("batch_size", batch_size)
         return self.forward_total + self.backward_total + sum(self.per_step.values()) / batch_size
 
     def to_dict(self, batch_size: int | None = None) -> dict[str, Any]:
@@ -255,7 +252,7 @@ def flop_matched_config(baseline: Any, n_experts: int, **overrides: Any) -> Swit
     baseline, so ``d_expert = d_sae / n_active`` and there are ``n_experts / n_active`` times
     the features. With one active expert, each expert is as wide as the baseline (the paper)."""
     d_sae, n_active = shape_of(baseline).d_sae, overrides.get("n_active", 1)
-    if not isinstance(n_active, int) or n_active < 1 or d_sae % n_active:
+    if not is_int(n_active) or n_active < 1 or d_sae % n_active:
         raise ValueError(
             f"n_active={n_active!r} must be a positive integer dividing the baseline's d_sae={d_sae}: the "
             "n_active experts a token uses share the baseline's encoder FLOPs, so each is d_sae / n_active wide"
@@ -266,7 +263,7 @@ def flop_matched_config(baseline: Any, n_experts: int, **overrides: Any) -> Swit
 def width_matched_config(baseline: Any, n_experts: int, **overrides: Any) -> SwitchSAEConfig:
     """Switch config with the ``baseline``'s total ``d_sae`` split over ``n_experts`` experts."""
     d_sae = shape_of(baseline).d_sae
-    if not isinstance(n_experts, int) or n_experts < 1 or d_sae % n_experts:
+    if not is_int(n_experts) or n_experts < 1 or d_sae % n_experts:
         raise ValueError(f"n_experts must be a positive integer dividing the baseline's d_sae={d_sae}, got {n_experts!r}")
     return _switch_like(baseline, n_experts, d_sae // n_experts, overrides)
 

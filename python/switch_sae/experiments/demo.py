@@ -35,14 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from ..activations import hook_d_in
 from ..activations.pipeline import DataConfig, activation_source, check_inputs, eval_tokens, load_language_model, training_batches
 from ..evals import flops, geometry
 from ..evals.evaluate import evaluate_many
 from ..models import SAE, TopKSAEConfig
 from ..training import TrainConfig, Trainer
+from ..utils.checks import check_int_fields
 from ..utils.io import atomic_write_json
 
 CONFIG_FILE = "demo_config.json"
@@ -102,10 +101,7 @@ class DemoConfig(DataConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("d_sae", "n_experts", "k"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int_fields(self, "d_sae", "n_experts", "k", optional=True)
         if self.preset not in PRESETS and self.preset != "auto":
             raise ValueError(f"preset must be auto, cpu or paper, got {self.preset!r}")
         if self.resume and not self.out:

@@ -48,6 +48,7 @@ from ..activations.pipeline import DataConfig, activation_source, check_inputs, 
 from ..evals import flops, plots
 from ..models import SAE, GatedSAE, GatedSAEConfig, ReLUSAE, ReLUSAEConfig, TopKSAEConfig
 from ..training import TrainConfig, Trainer
+from ..utils.checks import is_int
 from ..utils.io import atomic_write, atomic_write_json
 from .demo import evaluate_trained, log
 from .demo_report import format_table
@@ -109,7 +110,7 @@ class ReproduceConfig(DataConfig):
         self.l1_coefficients = tuple(self.l1_coefficients)
         for name, values in (("ks", self.ks), ("expert_counts", self.expert_counts),
                              ("d_sae", (self.d_sae,)), ("n_experts", (self.n_experts,)), ("expert_k", (self.expert_k,))):
-            if not values or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
+            if not values or any(not is_int(v) or v < 1 for v in values):
                 raise ValueError(f"{name} must be positive integers, got {values!r}")
         if not self.l1_coefficients or any(not 0 < c < float("inf") for c in self.l1_coefficients):
             raise ValueError(f"l1_coefficients must be finite positive numbers, got {self.l1_coefficients!r}")

@@ -41,6 +41,7 @@ from ..utils.io import (
     read_safetensors_metadata,
     sha256_file,
 )
+from ..utils.checks import check_int
 from ..utils.typed_config import config_from_dict
 from . import losses
 
@@ -97,6 +98,26 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
     return DTYPES[name]
+
+
+@dataclasses.dataclass(kw_only=True)
+class SAEConfig:
+    """Fields every SAE config has (keyword-only, so subclasses may add required ones)."""
+
+    d_in: int
+    """Width of the activations being reconstructed."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, float64, bfloat16 or float16."""
+    device: str = "cpu"
+    """Device for the parameters."""
+    hook_name: str = ""
+    """Where the activations came from (e.g. blocks.8.hook_resid_post); metadata for interop."""
+    model_name: str = ""
+    """Which model the activations came from; metadata for interop."""
+
+    def __post_init__(self) -> None:
+        check_int("d_in", self.d_in)
+        parse_dtype(self.dtype)
 
 
 _REGISTRY: dict[str, type["SAE"]] = {}

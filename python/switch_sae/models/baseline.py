@@ -3,10 +3,11 @@
 Every baseline (TopK, BatchTopK, ReLU, Gated, JumpReLU) has ``W_enc [d_sae, d_in]``
 (rows are encoder directions), ``W_dec [d_sae, d_in]`` (rows are unit-norm feature
 directions, started parallel to the encoder rows as in the paper's appendix A) and the
-pre-bias ``b_dec [d_in]``, plus the usual TransformerLens hook points.
+pre-bias ``b_dec [d_in]``; their configs add ``d_sae`` to the fields of every SAE config.
 
-What it leaves out: each architecture's encoder nonlinearity, extra parameters and extra
-training terms (their own files).
+What it leaves out: the hook points and the fields every SAE has (``base.py``), each
+architecture's encoder nonlinearity, extra parameters and extra training terms (their own
+files).
 """
 
 from __future__ import annotations
@@ -16,46 +17,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..utils.checks import check_int, check_number
 from . import losses
-from .base import SAE, parse_dtype
-
-
-def check_positive_int(owner: object, *names: str) -> None:
-    """Raise ValueError unless every named field of ``owner`` is a positive integer."""
-    for name in names:
-        value = getattr(owner, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def check_positive_float(owner: object, *names: str) -> None:
-    """Raise ValueError unless every named field of ``owner`` is a finite number > 0."""
-    for name in names:
-        value = getattr(owner, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-            raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+from .base import SAE, SAEConfig, parse_dtype
 
 
 @dataclass(kw_only=True)
-class DictionaryConfig:
-    """Fields every baseline config has (keyword-only, so subclasses may add required ones)."""
+class DictionaryConfig(SAEConfig):
+    """Fields every baseline config has: those of every SAE, and the dictionary's width."""
 
-    d_in: int
-    """Width of the activations being reconstructed."""
     d_sae: int
     """Number of dictionary features."""
-    dtype: str = "float32"
-    """Parameter dtype: float32, float64, bfloat16 or float16."""
-    device: str = "cpu"
-    """Device for the parameters."""
-    hook_name: str = ""
-    """Where the activations came from (e.g. blocks.8.hook_resid_post); metadata for interop."""
-    model_name: str = ""
-    """Which model the activations came from; metadata for interop."""
 
     def __post_init__(self) -> None:
-        check_positive_int(self, "d_in", "d_sae")
-        parse_dtype(self.dtype)
+        super().__post_init__()
+        check_int("d_sae", self.d_sae)
 
 
 @dataclass(kw_only=True)
@@ -67,9 +43,7 @@ class L1Config(DictionaryConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        value = self.l1_coefficient
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-            raise ValueError(f"l1_coefficient must be a finite number >= 0, got {value!r}")
+        check_number("l1_coefficient", self.l1_coefficient)
 
 
 def l1_term(cfg: L1Config, x: Tensor, acts: Tensor, W_dec: Tensor) -> Tensor:

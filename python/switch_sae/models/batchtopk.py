@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..utils.checks import check_int_fields
 from .auxk import AuxKConfig, AuxKTerms
 from .base import SparseCode, register_architecture
-from .baseline import DictionaryConfig, DictionarySAE, check_positive_int
+from .baseline import DictionaryConfig, DictionarySAE
 from .routed import RoutedSAE, encode_routed, single_expert
 
 
@@ -44,7 +45,7 @@ class BatchTopKSAEConfig(AuxKConfig, DictionaryConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_int(self, "k", "tile_rows")
+        check_int_fields(self, "k", "tile_rows")
         if self.k > self.d_sae:
             raise ValueError(f"k={self.k} is larger than the dictionary (d_sae={self.d_sae}); lower k")
         if not 0 < self.threshold_lr <= 1:

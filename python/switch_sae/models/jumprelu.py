@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..utils.checks import check_number, check_number_fields
 from . import losses
 from .base import ForwardOutput, register_architecture
-from .baseline import DictionaryConfig, DictionarySAE, check_positive_float
+from .baseline import DictionaryConfig, DictionarySAE
 
 
 def _window(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
@@ -80,10 +81,8 @@ class JumpReLUSAEConfig(DictionaryConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_float(self, "threshold_init", "bandwidth")
-        value = self.l0_coefficient
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-            raise ValueError(f"l0_coefficient must be a finite number >= 0, got {value!r}")
+        check_number_fields(self, "threshold_init", "bandwidth", positive=True)
+        check_number("l0_coefficient", self.l0_coefficient)
 
 
 @register_architecture

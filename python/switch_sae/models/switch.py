@@ -37,18 +37,17 @@ import torch
 from torch import Tensor, nn
 
 from .. import reference
+from ..utils.checks import check_int_fields, check_number
 from . import losses
 from .auxk import AuxKConfig, AuxKTerms
-from .base import ForwardOutput, HookPoint, SparseCode, parse_dtype, register_architecture
+from .base import ForwardOutput, HookPoint, SAEConfig, SparseCode, parse_dtype, register_architecture
 from .routed import RoutedSAE, encode_routed
 
 
-@dataclass
-class SwitchSAEConfig(AuxKConfig):
+@dataclass(kw_only=True)
+class SwitchSAEConfig(AuxKConfig, SAEConfig):
     """Shape and options of a Switch SAE. ``d_sae = n_experts * d_expert``."""
 
-    d_in: int
-    """Width of the activations being reconstructed."""
     n_experts: int
     """Number of expert SAEs the router chooses from."""
     d_expert: int
@@ -65,22 +64,12 @@ class SwitchSAEConfig(AuxKConfig):
     """Scale SAE feature scaling of the encoder (low-pass/high-pass split per expert)."""
     tile_rows: int = 1024
     """Tokens encoded at once per expert: bounds pre-activation memory to tile_rows x d_expert."""
-    dtype: str = "float32"
-    """Parameter dtype: float32, float64, bfloat16 or float16."""
-    device: str = "cpu"
-    """Device for the parameters."""
-    hook_name: str = ""
-    """Where the activations came from (e.g. blocks.8.hook_resid_post); metadata for interop."""
-    model_name: str = ""
-    """Which model the activations came from; metadata for interop."""
     lb_coefficient: float = 0.3
     """Weight of the load-balancing loss ``n_experts * sum_i f_i P_i`` (1 when balanced) relative to the normalised reconstruction loss: the term is lb_coefficient * total_variance(x) * that statistic, so a collapsed router costs as much as lb_coefficient * (n_experts - 1) of unexplained variance. 0.3 kept the router balanced (statistic <= 1.01) and decisive (mean p_max > 0.9) on clustered synthetic data (benchmarks/synthetic_compare.py). 0 turns it off."""
 
     def __post_init__(self) -> None:
-        for name in ("d_in", "n_experts", "d_expert", "k", "n_active", "tile_rows"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        super().__post_init__()
+        check_int_fields(self, "n_experts", "d_expert", "k", "n_active", "tile_rows")
         if self.k > self.d_expert:
             raise ValueError(
                 f"k={self.k} is larger than an expert (d_expert={self.d_expert}): each expert "
@@ -90,10 +79,7 @@ class SwitchSAEConfig(AuxKConfig):
             raise ValueError(f"n_active={self.n_active} exceeds n_experts={self.n_experts}")
         if self.gate not in reference.GATES:
             raise ValueError(f"gate must be one of {reference.GATES}, got {self.gate!r}")
-        parse_dtype(self.dtype)
-        lb = self.lb_coefficient
-        if isinstance(lb, bool) or not isinstance(lb, (int, float)) or not 0 <= lb < float("inf"):
-            raise ValueError(f"lb_coefficient must be a finite number >= 0, got {lb!r}")
+        check_number("lb_coefficient", self.lb_coefficient)
         self.check_auxk(reachable=self.n_active * self.d_expert)
 
     @property
