@@ -35,6 +35,7 @@ from ..activations.pipeline import DataConfig
 from ..experiments.demo import DemoConfig
 from ..models import architectures
 from ..training import TrainConfig
+from ..utils.runs import require_empty
 from .args import add_dataclass_arguments, dataclass_from_args
 
 EXIT_USAGE = 2
@@ -163,8 +164,8 @@ def run_train_command(args: argparse.Namespace) -> int:
         out = Path(args.out or f"runs/train-{args.architecture}-{time.strftime('%Y%m%d-%H%M%S')}")
         train_cfg = dataclass_from_args(TrainConfig, args, total_steps=data.steps(), run_dir=str(out),
                                         progress=data.progress, seed=data.seed)
-        if out.exists() and any(out.iterdir()) and not train_cfg.resume:
-            raise FileExistsError(f"run folder {out} already exists and is not empty; pass --resume or another --out")
+        if not train_cfg.resume:
+            require_empty(out, "pass --resume or another --out")
     args.resume_hint = f"the same command with --resume --out {out}"
     if stored is None:
         lm = load_language_model(data)

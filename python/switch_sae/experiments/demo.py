@@ -43,6 +43,7 @@ from ..models import SAE, TopKSAEConfig
 from ..training import TrainConfig, Trainer
 from ..utils.checks import check_int_fields
 from ..utils.io import atomic_write_json
+from ..utils.runs import config_clashes, require_empty
 
 CONFIG_FILE = "demo_config.json"
 # Fields that may differ between a run and its resumption (they do not change the result).
@@ -149,14 +150,7 @@ def resumed_config(cfg: DemoConfig) -> DemoConfig:
     if not saved_path.is_file():
         raise FileNotFoundError(f"cannot resume: {saved_path} does not exist (is {cfg.out} a demo run folder?)")
     saved = DemoConfig(**json.loads(saved_path.read_text()))
-    defaults = DemoConfig()
-    clashes = {
-        f.name: (getattr(saved, f.name), getattr(cfg, f.name))
-        for f in dataclasses.fields(DemoConfig)
-        if f.name not in RESUMABLE and getattr(cfg, f.name) != getattr(defaults, f.name)
-        and getattr(cfg, f.name) != getattr(saved, f.name)
-    }
-    if clashes:
+    if clashes := config_clashes(saved, cfg, ignore=RESUMABLE, defaults=DemoConfig()):
         raise ValueError(f"cannot resume {cfg.out}: these options differ from the interrupted run (was, now): {clashes}")
     return dataclasses.replace(saved, **{name: getattr(cfg, name) for name in RESUMABLE})
 
@@ -164,8 +158,7 @@ def resumed_config(cfg: DemoConfig) -> DemoConfig:
 def prepare_run_dir(cfg: DemoConfig) -> None:
     """Create a new run folder holding the resolved config."""
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"run folder {out} already exists and is not empty; pass --resume to continue it or choose another --out")
+    require_empty(out, "pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(dataclasses.asdict(cfg), out / CONFIG_FILE)
 

@@ -50,6 +50,7 @@ from ..models import SAE, GatedSAE, GatedSAEConfig, ReLUSAE, ReLUSAEConfig, TopK
 from ..training import TrainConfig, Trainer
 from ..utils.checks import is_int
 from ..utils.io import atomic_write, atomic_write_json
+from ..utils.runs import config_clashes, require_empty
 from .demo import evaluate_trained, log
 from .demo_report import format_table
 
@@ -205,13 +206,10 @@ def prepare_run_dir(cfg: ReproduceConfig) -> ReproduceConfig:
     out, saved_path = Path(cfg.out), Path(cfg.out) / CONFIG_FILE
     if saved_path.is_file():
         saved = ReproduceConfig(**json.loads(saved_path.read_text()))
-        clashes = {f.name: (getattr(saved, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-                   if f.name not in RESUMABLE and getattr(saved, f.name) != getattr(cfg, f.name)}
-        if clashes:
+        if clashes := config_clashes(saved, cfg, ignore=RESUMABLE):
             raise ValueError(f"cannot continue {out}: these options differ from its run (was, now): {clashes}")
         return cfg
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"run folder {out} exists, is not empty and holds no {CONFIG_FILE}; choose another --out")
+    require_empty(out, f"it holds no {CONFIG_FILE}, so it is not a reproduce run; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(dataclasses.asdict(cfg), saved_path)
     return cfg

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..models.base import CHECKSUM_KEY, CONFIG_FILE, WEIGHTS_FILE, SAE, load_weights
 from ..utils.io import (
     DamagedFileError,
     atomic_write_json,
@@ -39,7 +40,6 @@ from ..utils.io import (
     read_safetensors,
     sha256_file,
 )
-from ..models.base import CHECKSUM_KEY, CONFIG_FILE, WEIGHTS_FILE, SAE, load_weights
 
 MANIFEST = "manifest.json"
 FORMAT = "switch_sae.checkpoint/1"

@@ -48,6 +48,7 @@ from tqdm.auto import tqdm
 
 from ..models import losses
 from ..models.base import SAE
+from ..utils.runs import config_clashes
 from ..utils.typed_config import config_from_dict
 from .checkpoint import CheckpointError, load_checkpoint, newest_valid, read_state, save_checkpoint
 from .config import TrainConfig
@@ -278,12 +279,7 @@ class Trainer:
             return  # nothing to resume: a fresh run
         state = read_state(path)
         saved = config_from_dict(TrainConfig, state["train_config"], path / "trainer.json")
-        diff = {
-            f.name: (getattr(saved, f.name), getattr(self.cfg, f.name))
-            for f in dataclasses.fields(TrainConfig)
-            if f.name not in _RESUMABLE and getattr(saved, f.name) != getattr(self.cfg, f.name)
-        }
-        if diff:
+        if diff := config_clashes(saved, self.cfg, ignore=_RESUMABLE):
             raise CheckpointError(f"checkpoint {path} was trained with another TrainConfig; (saved, current): {diff}")
         tensors, _ = load_checkpoint(path, self.model, self.optimizer, verified=True)
         self.dead.tokens_since_fired.copy_(tensors["dead.tokens_since_fired"])
