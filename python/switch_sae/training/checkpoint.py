@@ -3,7 +3,7 @@
 A checkpoint is a folder ``<root>/step_<step>/``::
 
     model/cfg.json, model/model.safetensors   the SAE (``SAE.save``)
-    optimizer.safetensors, optimizer.json     Adam's tensors; its param groups and scalars
+    optimizer.safetensors, optimizer.json     the optimiser's tensors; its param groups and scalars
     trainer.safetensors                       dead-latent counters, torch RNG state(s)
     trainer.json                              step, tokens, data position, input scale, config
     manifest.json                             sha256 of every file above; written last
@@ -68,9 +68,10 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]
         param_id, key = flat.split(".", 1)
         state.setdefault(int(param_id), {})[key] = value
     groups = meta["param_groups"]
-    for group in groups:
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
+    for group in groups:  # JSON turned the tuples of a group's settings (Adam's betas) into lists
+        for key, value in group.items():
+            if key != "params" and isinstance(value, list):
+                group[key] = tuple(value)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -9,6 +9,7 @@ import math
 from dataclasses import dataclass
 
 from ..utils.checks import check_int_fields, check_number, check_number_fields
+from .optim import OPTIMIZERS
 
 
 @dataclass
@@ -26,6 +27,8 @@ class TrainConfig:
     """Optimiser steps in the whole run; the lr schedule is laid out over it."""
     lr: float | None = None
     """Peak learning rate; None means 2e-4 / sqrt(width / 2^14), the paper's scaling law, with width the model's SAE.encoder_width (d_sae for a dense dictionary; n_active * d_expert for a Switch SAE, each of whose experts is a TopK SAE of width d_expert)."""
+    optimizer: str = "adam"
+    """The optimiser, a name in training.optim.OPTIMIZERS: 'adam' (the paper's, with adam_betas and adam_eps) or 'signsgd' (steps by lr * sign(grad), as sparsify does; the default lr law was measured with Adam)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """Adam's (beta1, beta2)."""
     adam_eps: float = 1e-8
@@ -71,6 +74,8 @@ class TrainConfig:
         check_number_fields(self, "adam_eps", "grad_clip")
         if self.lr is not None:
             check_number("lr", self.lr, positive=True)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         if not 0 <= self.decay_fraction <= 1:

@@ -8,22 +8,22 @@ One step: (first step only) estimate the input scale, fix the dead-latent window
 ``b_dec``/``b_router`` at the geometric median of the batch; set the scheduled lr; forward;
 loss = the sum of ``model.training_terms`` (the architecture's own weighted terms: MSE,
 load balancing, AuxK, L1, L0, ...; the trainer knows none by name); backward; drop the
-decoder-gradient component parallel to each feature; clip; Adam; renormalise the decoder
-rows; update the dead-latent counters; log.
+decoder-gradient component parallel to each feature; clip; step the optimiser (``optim.py``,
+Adam by default); renormalise the decoder rows; update the dead-latent counters; log.
 
 Units: the model trains on ``input_scale * x`` (``E||x||^2 = d_in`` by default). When
 ``fit`` returns, the scale is folded into the model's parameters, so the model in memory,
 like every saved copy, takes raw activations; a later ``step`` unfolds it again.
 
 Mixed precision: with ``autocast="bfloat16"`` the forward pass and the losses run under
-``torch.autocast``, master weights and Adam stay in the parameter dtype and no GradScaler
+``torch.autocast``, master weights and the optimiser state stay in the parameter dtype and no GradScaler
 is needed (bfloat16 has float32's range). Autocast lowers the dense matrix products (the
 router, the L1-family encoders/decoders, the reference ops when the extension is absent);
 the compiled ``switch_sae`` ops are not registered for autocast, so they run in the
 parameter dtype: create the model with ``dtype="bfloat16"`` to run them in bfloat16.
 Losses are always reduced in float32.
 
-Resuming: the trainer restores model, Adam, lr position, counters, dead-latent counters
+Resuming: the trainer restores model, optimiser, lr position, counters, dead-latent counters
 and torch's RNG, and ``fit`` skips the batches already consumed, so on CPU the losses after
 a resume equal those of an uninterrupted run exactly (given the same batch iterable).
 
@@ -55,6 +55,7 @@ from .config import TrainConfig
 from .dead import DeadLatentTracker, fired_latents, l0
 from .init import init_biases_from_batch_
 from .metrics import MetricsLogger, StepMetrics
+from .optim import make_optimizer
 from .normalization import estimate_scale, fold_input_scale_
 
 # TrainConfig fields that may change between a run and its resumption.
@@ -74,11 +75,7 @@ class Trainer:
         self.model, self.cfg = model, cfg
         self.device = model.W_dec_flat.device
         torch.manual_seed(cfg.seed)
-        # The fused kernel: one pass over each parameter instead of several elementwise ops;
-        # on CPU it measured ~5x faster for 2 x 2^25 parameters (benchmarks/README.md).
-        self.optimizer = torch.optim.Adam(
-            model.parameters(), lr=cfg.peak_lr(model.encoder_width), betas=cfg.adam_betas, eps=cfg.adam_eps, fused=True
-        )
+        self.optimizer = make_optimizer(model.parameters(), cfg, lr=cfg.peak_lr(model.encoder_width))
         # The window is fixed on the first step, when the batch size is known.
         self.dead = DeadLatentTracker(model.d_sae, cfg.dead_after_tokens or 0, self.device)
         self.step_count = 0  # optimiser steps done
