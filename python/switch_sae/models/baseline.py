@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..utils.checks import check_int, check_number
 from . import losses
-from .base import SAE, SAEConfig, parse_dtype
+from .base import SAE, ForwardOutput, SAEConfig, parse_dtype
 
 
 @dataclass(kw_only=True)
@@ -74,3 +74,34 @@ class DictionarySAE(SAE):
     def pre_acts(self, x: Tensor) -> Tensor:
         """``x [batch, d_in]`` -> ``W_enc (x - b_dec)``, ``[batch, d_sae]`` (plain PyTorch)."""
         return (x - self.b_dec) @ self.W_enc.T
+
+
+class DenseCodeSAE(DictionarySAE):
+    """The L1 family (ReLU, Gated, JumpReLU): a dense ``[batch, d_sae]`` code from plain
+    matrix products, decoded by ``acts @ W_dec + b_dec``.
+
+    A subclass provides ``encode_batch(x)``: ``x [batch, d_in]`` -> ``acts [batch, d_sae]``
+    and the ``aux`` inputs its ``training_terms`` needs (or None).
+    """
+
+    def encode_batch(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor] | None]:
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``x [..., d_in]`` -> dense ``[..., d_sae]`` activations."""
+        x, lead = self.check_input(x)
+        return self.encode_batch(x)[0].view(*lead, self.d_sae)
+
+    def encode_dense(self, x: Tensor) -> Tensor:
+        return self.encode(x)
+
+    def decode(self, acts: Tensor) -> Tensor:
+        return acts @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> ForwardOutput:
+        x, lead = self.check_input(x)
+        x = self.hook_sae_input(x)  # [batch, d_in]
+        acts, aux = self.encode_batch(x)
+        acts = self.hook_sae_acts_post(acts)  # [batch, d_sae]
+        x_hat = self.hook_sae_recons(self.decode(acts))
+        return ForwardOutput(x_hat=x_hat.view(*lead, self.d_in), code=None, acts=acts.view(*lead, self.d_sae), aux=aux)

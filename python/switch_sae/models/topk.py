@@ -9,6 +9,8 @@ and decoding is ``ops.decode``. So it never builds ``[batch, d_sae]`` beyond one
 ``tile_rows x d_sae`` pre-activations, and it is the fair dense-dictionary comparison.
 
 Training terms: reconstruction plus Gao et al.'s AuxK dead-latent loss (``auxk.py``).
+``DictionaryTopKSAE`` is what TopK and BatchTopK share: the single-expert encoder over one
+flat dictionary, its bias, and the AuxK terms.
 """
 
 from __future__ import annotations
@@ -26,11 +28,11 @@ from .routed import RoutedSAE, encode_routed, single_expert
 
 
 @dataclass(kw_only=True)
-class TopKSAEConfig(AuxKConfig, DictionaryConfig):
-    """Shape and options of a TopK SAE."""
+class DictionaryTopKConfig(AuxKConfig, DictionaryConfig):
+    """Fields of the TopK-family SAEs over one flat dictionary (TopK, BatchTopK)."""
 
     k: int
-    """Active features per token (the L0 of the code)."""
+    """Active features per token (the L0 of the code); for BatchTopK, their mean over a training batch."""
     use_encoder_bias: bool = True
     """Per-feature encoder bias ``b_enc`` (Gao et al. use one)."""
     tile_rows: int = 1024
@@ -44,14 +46,10 @@ class TopKSAEConfig(AuxKConfig, DictionaryConfig):
         self.check_auxk(reachable=self.d_sae)
 
 
-@register_architecture
-class TopKSAE(AuxKTerms, RoutedSAE, DictionarySAE):
-    """TopK SAE: keep the k largest pre-activations of each token."""
+class DictionaryTopKSAE(AuxKTerms, RoutedSAE, DictionarySAE):
+    """A TopK-family SAE over one flat dictionary: a Switch SAE with one expert and no router."""
 
-    architecture = "topk"
-    config_class = TopKSAEConfig
-
-    def __init__(self, cfg: TopKSAEConfig) -> None:
+    def __init__(self, cfg: DictionaryTopKConfig) -> None:
         super().__init__(cfg)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **self.factory)) if cfg.use_encoder_bias else None
         self.setup_hooks()
@@ -64,11 +62,26 @@ class TopKSAE(AuxKTerms, RoutedSAE, DictionarySAE):
         """``[1, d_sae]`` or None, matching ``encoder_weight``."""
         return None if self.b_enc is None else self.b_enc.unsqueeze(0)
 
-    def encode_batch(self, x: Tensor, update_state: bool) -> tuple[SparseCode, dict[str, Tensor]]:
-        """dispatch -> encode (``models.routed``) of ``x [batch, d_in]``, every token to the one expert."""
+    def encode_single_expert(self, x: Tensor, k: int) -> SparseCode:
+        """dispatch -> encode (``models.routed``) of ``x [batch, d_in]``, every token to the one
+        expert: the top ``k`` ReLU'd pre-activations of each token, ``[batch, k]``, descending."""
         experts = single_expert(x.shape[0], x.device)  # [batch, 1]
-        code = encode_routed(
-            x, self.encoder_weight(), self.encoder_bias(), self.b_dec, None, experts, self.cfg.k, self.cfg.tile_rows,
-            self.exchange,
+        return encode_routed(
+            x, self.encoder_weight(), self.encoder_bias(), self.b_dec, None, experts, k, self.cfg.tile_rows, self.exchange
         )
-        return code, {}
+
+
+@dataclass(kw_only=True)
+class TopKSAEConfig(DictionaryTopKConfig):
+    """Shape and options of a TopK SAE."""
+
+
+@register_architecture
+class TopKSAE(DictionaryTopKSAE):
+    """TopK SAE: keep the k largest pre-activations of each token."""
+
+    architecture = "topk"
+    config_class = TopKSAEConfig
+
+    def encode_batch(self, x: Tensor, update_state: bool) -> tuple[SparseCode, dict[str, Tensor]]:
+        return self.encode_single_expert(x, self.cfg.k), {}
