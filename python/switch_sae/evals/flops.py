@@ -18,8 +18,8 @@ What the counts assume about the implementation:
 Two comparisons from the paper: *FLOP-matched* gives each expert the dense baseline's width
 (same encoder FLOPs per token, ``n_experts`` times the features; with ``n_active`` experts per
 token each is ``1/n_active`` of it); *width-matched* splits the baseline's ``d_sae`` over the
-experts (same features, ``n_experts`` times fewer encoder FLOPs). ``make_saes`` builds the
-baseline and both counterparts.
+experts (same features, ``n_experts`` times fewer encoder FLOPs). ``matched_configs`` gives the
+baseline and both counterparts, ``make_saes`` builds them: the one builder of this trio.
 
 What it leaves out: memory traffic and measured speed (``benchmarks/``).
 """
@@ -268,22 +268,23 @@ def width_matched_config(baseline: Any, n_experts: int, **overrides: Any) -> Swi
     return _switch_like(baseline, n_experts, d_sae // n_experts, overrides)
 
 
-def make_saes(baseline: Any, n_experts: int, *, seed: int = 0, **switch_overrides: Any) -> dict[str, SAE]:
-    """The dense ``baseline`` (a TopK-family config) and its Switch counterparts, freshly
-    initialised: ``topk`` (or the baseline's architecture), ``switch-flop``
-    (``flop_matched_config``) and ``switch-width`` (``width_matched_config``).
-
-    Each SAE is initialised after ``torch.manual_seed(seed + i)``, ``i`` its position, so a
-    comparison is reproducible; ``switch_overrides`` go to both Switch configs (e.g. ``n_active``).
-    """
-    architecture = shape_of(baseline).architecture
-    configs = {
-        architecture: baseline,
+def matched_configs(baseline: Any, n_experts: int, **switch_overrides: Any) -> dict[str, Any]:
+    """The dense ``baseline`` (a TopK-family config) and its Switch counterparts' configs:
+    ``topk`` (or the baseline's architecture), ``switch-flop`` (``flop_matched_config``) and
+    ``switch-width`` (``width_matched_config``); ``switch_overrides`` go to both Switch
+    configs (e.g. ``n_active``)."""
+    return {
+        shape_of(baseline).architecture: baseline,
         "switch-flop": flop_matched_config(baseline, n_experts, **switch_overrides),
         "switch-width": width_matched_config(baseline, n_experts, **switch_overrides),
     }
+
+
+def make_saes(baseline: Any, n_experts: int, *, seed: int = 0, **switch_overrides: Any) -> dict[str, SAE]:
+    """The SAEs of ``matched_configs``, freshly initialised, each after
+    ``torch.manual_seed(seed + i)``, ``i`` its position, so a comparison is reproducible."""
     saes = {}
-    for i, (name, cfg) in enumerate(configs.items()):
+    for i, (name, cfg) in enumerate(matched_configs(baseline, n_experts, **switch_overrides).items()):
         torch.manual_seed(seed + i)
-        saes[name] = SwitchSAE(cfg) if name.startswith("switch-") else architectures()[architecture](cfg)
+        saes[name] = SwitchSAE(cfg) if name.startswith("switch-") else architectures()[name](cfg)
     return saes
