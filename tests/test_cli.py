@@ -10,9 +10,9 @@ import sys
 
 import pytest
 
+from benchmarks import BenchConfig
 from switch_sae import cli
 from switch_sae.activations import DataConfig
-from switch_sae.bench import BenchConfig
 from switch_sae.cli import commands
 from switch_sae.dashboard import DashboardConfig
 from switch_sae.experiments import DemoConfig, ReproduceConfig

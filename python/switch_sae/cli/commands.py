@@ -12,7 +12,8 @@ Options are derived from the config dataclasses (``cli.args``), so ``switch-sae 
 - ``eval SAE_DIR...``: evaluate saved SAEs on held-out tokens, print and save the metrics.
 - ``analyze RUN_DIR...``: geometry, FLOPs and plots of saved runs (``evals.report``).
 - ``dashboard RUN_OR_SAE``: a static site with a page per feature (``dashboard``).
-- ``bench``: time the ops and training steps against the alternatives (``bench``).
+- ``bench``: time the ops and training steps against the alternatives (the ``benchmarks``
+  package of a source checkout).
 - ``selftest``: check the compiled ops on this device against ``reference.py`` (``selftest``);
   exits 1 on a mismatch.
 
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -306,24 +308,30 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
 
 
 def add_bench(commands: Any) -> None:
-    from ..bench import add_arguments
-
+    # Its options, --help included, belong to the benchmarks package: they pass through.
     parser = commands.add_parser(
-        "bench", help="time the ops and training steps against the alternatives",
-        description="Benchmarks: validate every implementation against the reference, then time it; "
-        "writes latest.json, summary.md and plots.",
+        "bench", add_help=False,
+        help="time the ops and training steps against the alternatives (benchmarks/, in a source checkout)",
     )
-    add_arguments(parser)
     parser.set_defaults(handler=run_bench_command)
 
 
-def run_bench_command(args: argparse.Namespace) -> int:
-    from ..bench import run_benchmarks
-    from ..bench.runner import config_from_args
+def benchmarks_package() -> Any:
+    """The ``benchmarks`` package of a source checkout (beside ``python/``, or in the working
+    folder): benchmarks live with the sources, not in the installed package."""
+    for root in (Path(__file__).resolve().parents[3], Path.cwd()):
+        if (root / "benchmarks" / "runner.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            return importlib.import_module("benchmarks")
+    raise UsageError("the benchmarks live in the source tree's benchmarks/ folder; run this in a switch_sae checkout")
 
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    bench = benchmarks_package()
     with usage_errors():
-        cfg = config_from_args(args)
-    run_benchmarks(cfg)
+        cfg = bench.parse_config(args.passed_through, prog="switch-sae bench")
+    bench.run_benchmarks(cfg)
     return 0
 
 
@@ -365,7 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``switch-sae`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command != "bench" and unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.passed_through = unknown
     try:
         return args.handler(args)
     except UsageError as err:

@@ -11,7 +11,7 @@ What it leaves out: plots (``plot.py``).
 
 from __future__ import annotations
 
-from ..utils.tables import fmt
+from switch_sae.utils.tables import fmt
 
 
 def find(records: list[dict], name: str, n_experts: int | None = None, variant: str | None = None) -> dict | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..utils.checks import check_int_fields
+from switch_sae.utils.checks import check_int_fields
 
 CASES = ("train", "memory", "gemm", "ops", "harvest")
 
