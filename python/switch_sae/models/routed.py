@@ -41,7 +41,7 @@ class Grouped:
     """
 
     tokens: Tensor  # [n_tokens, d_in]
-    order: Tensor  # [rows] int64 pair ids, stably sorted by expert; rows = n_tokens * n_active
+    order: Tensor  # [rows] int64 pair ids, expert by expert; rows = n_tokens * n_active
     offsets: Tensor  # [n_experts + 1] int64
     n_active: int
 
@@ -51,7 +51,7 @@ class Grouped:
         return self.offsets.diff()
 
 
-Return = Callable[[SparseCode], SparseCode]
+CodesBack = Callable[[SparseCode], SparseCode]
 
 
 class Exchange(Protocol):
@@ -62,7 +62,7 @@ class Exchange(Protocol):
     pairs' order) into the codes of the dispatched pairs (``[rows, k]``, pair order).
     """
 
-    def __call__(self, grouped: Grouped) -> tuple[Grouped, Return]: ...
+    def __call__(self, grouped: Grouped) -> tuple[Grouped, CodesBack]: ...
 
 
 def _unchanged(code: SparseCode) -> SparseCode:
@@ -72,7 +72,7 @@ def _unchanged(code: SparseCode) -> SparseCode:
 class LocalExchange:
     """The exchange of one process: every expert is here, so nothing moves."""
 
-    def __call__(self, grouped: Grouped) -> tuple[Grouped, Return]:
+    def __call__(self, grouped: Grouped) -> tuple[Grouped, CodesBack]:
         return grouped, _unchanged
 
 
@@ -165,8 +165,8 @@ class RoutedSAE(SAE):
     A subclass provides ``encode_batch(x, update_state)``: ``x [batch, d_in]`` -> the code
     ``[batch, width]`` and the extra ``ForwardOutput`` fields of that pass (router outputs
     ``[batch, ...]``, or an ``aux`` dict); ``update_state`` (true in a training forward pass)
-    lets it update running statistics such as BatchTopK's threshold. ``exchange`` is where routed pairs meet their
-    experts; the default keeps them on this process.
+    lets it update running statistics such as BatchTopK's threshold. ``exchange`` is where
+    routed pairs meet their experts; the default keeps them on this process.
     """
 
     exchange: Exchange = LOCAL_EXCHANGE
