@@ -8,7 +8,7 @@ the same held-out tail of the cache. Each budget starts from fresh initialisatio
 is what a run of that length gives, learning-rate decay included.
 
     switch-sae reproduce --keep-activations --out runs/reproduce      # a 1.2M-token cache
-    python benchmarks/ordering_vs_tokens.py runs/reproduce/activations --tokens 131072 262144 524288 1048576
+    python benchmarks/ordering_vs_tokens.py runs/reproduce/activations --tokens 262144 524288 1048576
 
 The table (MSE, FVE, the training tracker's dead fraction per SAE and token budget) goes to
 stdout and, with the raw rows, to ``--out`` (default ``runs/ordering_vs_tokens``).
@@ -34,7 +34,7 @@ from switch_sae.training import TrainConfig, Trainer
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("activations", type=Path, help="an activation cache folder (switch-sae ... --keep-activations)")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[131072, 262144, 524288, 1048576],
+    parser.add_argument("--tokens", type=int, nargs="+", default=[262144, 524288, 1048576],
                         help="training-token budgets, each a prefix of the cache")
     parser.add_argument("--eval-tokens", type=int, default=65536, help="held-out tokens at the end of the cache")
     parser.add_argument("--d-sae", type=int, default=4096, help="TopK width (each FLOP-matched expert's too)")
