@@ -1,7 +1,7 @@
 """Feature geometry of Switch SAEs vs a TopK SAE trained on the same synthetic activations.
 
 Trains (with ``switch_sae.training.Trainer``, the paper's recipe + AuxK) a TopK SAE and Switch
-SAEs of the same total width (width-matched) and one FLOP-matched Switch SAE on ``switch_sae.data.synthetic`` activations,
+SAEs of the same total width (width-matched) and one FLOP-matched Switch SAE on ``switch_sae.activations.synthetic`` activations,
 scores each on one held-out batch (MSE, L0, ground-truth recovery), then runs
 ``switch_sae.evals.analyze_runs`` on all of them: duplicate fraction, duplicate groups,
 expert-similarity matrices (random-block control for the TopK SAE), t-SNE, plots.
@@ -20,22 +20,24 @@ from pathlib import Path
 
 import torch
 
-from switch_sae.data.synthetic import SyntheticActivations, SyntheticConfig, mean_max_cosine
+from switch_sae.activations.synthetic import SyntheticActivations, SyntheticConfig, mean_max_cosine
 from switch_sae.evals.experts import expert_stats
+from switch_sae.evals.flops import flop_matched_config, width_matched_config
 from switch_sae.evals.report import analyze_runs
-from switch_sae.io import atomic_write_json
-from switch_sae.models import SwitchSAE, SwitchSAEConfig, TopKSAE, TopKSAEConfig
+from switch_sae.models import SwitchSAE, TopKSAE, TopKSAEConfig
 from switch_sae.training import TrainConfig, Trainer
+from switch_sae.utils.io import atomic_write_json
 
 
 def models(d_in: int, d_sae: int, k: int) -> dict[str, object]:
+    topk = TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k)
     return {
-        "topk": TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=k)),
-        "switch8": SwitchSAE(SwitchSAEConfig(d_in=d_in, n_experts=8, d_expert=d_sae // 8, k=k)),
-        "switch16": SwitchSAE(SwitchSAEConfig(d_in=d_in, n_experts=16, d_expert=d_sae // 16, k=k)),
-        "switch16_active2": SwitchSAE(SwitchSAEConfig(d_in=d_in, n_experts=16, d_expert=d_sae // 16, k=k, n_active=2)),
+        "topk": TopKSAE(topk),
+        "switch8": SwitchSAE(width_matched_config(topk, 8)),
+        "switch16": SwitchSAE(width_matched_config(topk, 16)),
+        "switch16_active2": SwitchSAE(width_matched_config(topk, 16, n_active=2)),
         # FLOP-matched: every expert as wide as the TopK SAE, 8x the features.
-        "switch8_flop": SwitchSAE(SwitchSAEConfig(d_in=d_in, n_experts=8, d_expert=d_sae, k=k)),
+        "switch8_flop": SwitchSAE(flop_matched_config(topk, 8)),
     }
 
 

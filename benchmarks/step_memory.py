@@ -11,9 +11,9 @@ Memory, two ways:
   before it (inputs, parameters), from the profiler's allocation events: exact, and blind
   to how the C allocator caches pages.
 * ``peak_rss_MiB``: rise of the process's peak resident set over one step in a fresh
-  subprocess (``switch_sae.bench.measure.peak_memory``), a cross-check that includes
+  subprocess (``measure.peak_memory``), a cross-check that includes
   threads' scratch and allocator overhead.
-Time: ``switch_sae.bench.measure.time_calls`` (median and spread after one warm-up).
+Time: ``measure.time_calls`` (median and spread after one warm-up).
 
     python benchmarks/step_memory.py            # writes benchmarks/results/step_memory.json
 
@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import switch_sae
 from switch_sae import SwitchSAE, SwitchSAEConfig, reference
-from switch_sae.bench.measure import peak_memory, time_calls
+from measure import peak_memory, time_calls  # the runner's measurements; run as a script, this folder is on the path
 
 VARIANTS = ("sparse", "dense")
 MIB = 2**20

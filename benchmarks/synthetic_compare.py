@@ -27,22 +27,18 @@ from pathlib import Path
 import torch
 
 import switch_sae
-from switch_sae import SwitchSAE, SwitchSAEConfig, TopKSAE, TopKSAEConfig, TrainConfig, Trainer
-from switch_sae.data import SyntheticActivations, SyntheticConfig, mean_max_cosine
+from switch_sae import SwitchSAE, TopKSAE, TopKSAEConfig, TrainConfig, Trainer
+from switch_sae.activations import SyntheticActivations, SyntheticConfig, mean_max_cosine
+from switch_sae.evals import flops
 from switch_sae.models import losses
 
 DATA = SyntheticConfig(d_in=64, n_features=256, n_clusters=8, features_per_token=3)
 
 
 def build(name: str, k: int, width: int, n_experts: int) -> switch_sae.SAE:
-    d_in = DATA.d_in
-    if name == "topk":
-        return TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=width, k=k))
-    if name == "switch-width":  # same total features, n_experts times fewer encoder FLOPs
-        return SwitchSAE(SwitchSAEConfig(d_in=d_in, n_experts=n_experts, d_expert=width // n_experts, k=k))
-    if name == "switch-flop":  # each expert as wide as the TopK SAE: same encoder FLOPs
-        return SwitchSAE(SwitchSAEConfig(d_in=d_in, n_experts=n_experts, d_expert=width, k=k))
-    raise ValueError(f"unknown model {name!r}")
+    """``topk``, ``switch-flop`` or ``switch-width`` of ``flops.matched_configs`` (the demo's trio)."""
+    cfg = flops.matched_configs(TopKSAEConfig(d_in=DATA.d_in, d_sae=width, k=k), n_experts)[name]
+    return SwitchSAE(cfg) if name.startswith("switch-") else TopKSAE(cfg)
 
 
 @torch.no_grad()

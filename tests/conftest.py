@@ -34,9 +34,9 @@ def default_lm():
 @pytest.fixture
 def patched_lm(monkeypatch, default_lm):
     """Make the CLI and the demo reuse ``default_lm`` instead of loading the model again."""
-    import switch_sae.demo
-    import switch_sae.pipeline
+    from switch_sae.activations import pipeline
+    from switch_sae.experiments import demo
 
-    for module in (switch_sae.pipeline, switch_sae.demo):
+    for module in (pipeline, demo):
         monkeypatch.setattr(module, "load_language_model", lambda cfg: default_lm)
     return default_lm

@@ -1,4 +1,4 @@
-"""Smoke tests of the benchmark runner (switch_sae.bench): quick mode end to end, the
+"""Smoke tests of the benchmark runner (the benchmarks package): quick mode end to end, the
 records' schema, and that validation catches a wrong implementation. No timing assertions."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from switch_sae import reference
-from switch_sae.bench import QUICK, BenchConfig, ValidationError, check_close, run
-from switch_sae.bench.cases_ops import op_inputs, validate_op
-from switch_sae.bench.cases_train import dense_mask_forward, routed_forward, switch_model, validate_switch
-from switch_sae.bench.report import ratios
+from benchmarks import QUICK, BenchConfig, ValidationError, check_close, run
+from benchmarks.cases_ops import op_inputs, validate_op
+from benchmarks.cases_train import dense_mask_forward, routed_forward, switch_model, validate_switch
+from benchmarks.report import ratios
 
 REQUIRED = ("name", "n_experts", "d_in", "d_sae", "batch", "k", "status", "versions", "machine")
 TIMED = ("median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms", "repeats", "peak_mb", "validation")

@@ -10,13 +10,13 @@ import sys
 
 import pytest
 
+from benchmarks import BenchConfig
 from switch_sae import cli
-from switch_sae.bench import BenchConfig
+from switch_sae.activations import DataConfig
+from switch_sae.cli import commands
 from switch_sae.dashboard import DashboardConfig
-from switch_sae.demo import DemoConfig
-from switch_sae.experiments import ReproduceConfig
+from switch_sae.experiments import DemoConfig, ReproduceConfig
 from switch_sae.models import SwitchSAEConfig, TopKSAEConfig
-from switch_sae.pipeline import DataConfig
 from switch_sae.training import TrainConfig
 
 TINY_DATA = ["--context-size", "32", "--train-tokens", "512", "--batch-size", "128", "--eval-contexts", "2",
@@ -39,11 +39,11 @@ def flags(cls, exclude=()) -> list[str]:
     [
         (["demo"], [(DemoConfig, ())]),
         (["reproduce"], [(ReproduceConfig, ())]),
-        (["train", "switch"], [(DataConfig, ()), (SwitchSAEConfig, cli.SAE_FILLED), (TrainConfig, cli.TRAIN_FILLED)]),
-        (["train", "topk"], [(TopKSAEConfig, cli.SAE_FILLED)]),
-        (["eval"], [(DataConfig, cli.EVAL_UNUSED)]),
+        (["train", "switch"], [(DataConfig, ()), (SwitchSAEConfig, commands.SAE_FILLED), (TrainConfig, commands.TRAIN_FILLED)]),
+        (["train", "topk"], [(TopKSAEConfig, commands.SAE_FILLED)]),
+        (["eval"], [(DataConfig, commands.EVAL_UNUSED)]),
         (["bench"], [(BenchConfig, ())]),
-        (["dashboard"], [(DataConfig, cli.EVAL_UNUSED + ("eval_contexts",)), (DashboardConfig, ())]),
+        (["dashboard"], [(DataConfig, commands.EVAL_UNUSED + ("eval_contexts",)), (DashboardConfig, ())]),
     ],
 )
 def test_help_documents_every_config_field(argv, configs, capsys):

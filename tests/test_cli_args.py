@@ -1,4 +1,4 @@
-"""Tests for switch_sae.cli_args: argparse options derived from config dataclasses."""
+"""Tests for switch_sae.cli.args: argparse options derived from config dataclasses."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Literal
 
 import pytest
 
-from switch_sae.cli_args import add_dataclass_arguments, dataclass_from_args, field_docs
+from switch_sae.cli.args import add_dataclass_arguments, dataclass_from_args, field_docs
 
 
 @dataclass

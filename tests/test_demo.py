@@ -1,4 +1,4 @@
-"""Tests of switch_sae.demo: the main job end to end at tiny sizes, its config, and resuming."""
+"""Tests of switch_sae.experiments.demo: the main job end to end at tiny sizes, its config, and resuming."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import math
 
 import pytest
 
-from switch_sae import cli, demo
-from switch_sae.demo import DemoConfig, PRESETS, run_demo
+from switch_sae import cli
+from switch_sae.experiments import demo
+from switch_sae.experiments.demo import DemoConfig, PRESETS, run_demo
 
 TINY = dict(context_size=32, train_tokens=768, epochs=2, eval_contexts=2, batch_size=128, harvest_batch=8,
             d_sae=128, n_experts=4, k=4, progress=False)

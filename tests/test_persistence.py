@@ -21,11 +21,11 @@ import torch
 
 from switch_sae import SAE, SwitchSAE, SwitchSAEConfig, TopKSAE, TopKSAEConfig, TrainConfig, Trainer
 from switch_sae.activations.cache import MANIFEST, ActivationCache, CacheSpec, CacheWriter
-from switch_sae.io import DamagedFileError
+from switch_sae.utils.io import DamagedFileError
 from switch_sae.models.base import CHECKSUM_KEY
 from switch_sae.training import CheckpointError
 from switch_sae.training.metrics import MetricsLogger
-from switch_sae.typed_config import config_from_dict
+from switch_sae.utils.typed_config import config_from_dict
 
 D_IN = 8
 

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from switch_sae import SAE, SwitchSAE, SwitchSAEConfig, TopKSAE, TopKSAEConfig, TrainConfig, Trainer
-from switch_sae.data import SyntheticActivations, SyntheticConfig
+from switch_sae.activations import SyntheticActivations, SyntheticConfig
 from switch_sae.models import losses
 from switch_sae.models import base
 from switch_sae.models.base import ForwardOutput, register_architecture

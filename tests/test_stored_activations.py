@@ -44,9 +44,9 @@ def test_train_from_a_cache_without_a_language_model(harvested_cache, tmp_path, 
     def refuse(*args, **kwargs):
         raise AssertionError("training from stored activations must not load a language model")
 
-    import switch_sae.pipeline
+    import switch_sae.activations.pipeline
 
-    monkeypatch.setattr(switch_sae.pipeline, "load_language_model", refuse)
+    monkeypatch.setattr(switch_sae.activations.pipeline, "load_language_model", refuse)
     monkeypatch.setattr(switch_sae.activations.default_model, "load_model", refuse)
     run = tmp_path / "run"
     argv = ["train", "switch", "--activations", str(harvested_cache.directory), "--n-experts", "2", "--d-expert", "8",

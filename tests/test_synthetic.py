@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from switch_sae.data import SyntheticActivations, SyntheticConfig, mean_max_cosine
+from switch_sae.activations import SyntheticActivations, SyntheticConfig, mean_max_cosine
 
 SMALL = dict(d_in=16, n_features=60, n_clusters=4, features_per_token=3)
 

@@ -27,10 +27,10 @@ from switch_sae import (
     Trainer,
     ops,
 )
-from switch_sae.data import SyntheticActivations, SyntheticConfig, mean_max_cosine
+from switch_sae.activations import SyntheticActivations, SyntheticConfig, mean_max_cosine
 from switch_sae.models import losses
 from switch_sae.models.auxk import dead_latent_code
-from switch_sae.training import CheckpointError, geometric_median
+from switch_sae.training import CheckpointError, SignSGD, geometric_median
 
 D_IN = 16
 DATA = SyntheticActivations(SyntheticConfig(d_in=D_IN, n_features=64, n_clusters=4, features_per_token=3))
@@ -345,6 +345,36 @@ def test_interrupt_and_resume_equals_uninterrupted(arch, tmp_path):
     torch.manual_seed(123)  # and so must the RNG
     Trainer(model, config(run_dir=str(run), resume=True, **kw)).fit(stream)
     assert losses_in(run) == expected  # bit-exact on CPU, steps 1..16
+
+
+def test_the_default_optimiser_is_the_papers_fused_adam():
+    trainer = Trainer(make("topk"), config(adam_betas=(0.8, 0.99), adam_eps=1e-7))
+    assert isinstance(trainer.optimizer, torch.optim.Adam)
+    group = trainer.optimizer.param_groups[0]
+    assert group["fused"] and group["betas"] == (0.8, 0.99) and group["eps"] == 1e-7
+
+
+def test_signsgd_trains_and_resumes_exactly(tmp_path):
+    stream = batches(12, size=64)
+    kw = dict(total_steps=12, lr=1e-3, optimizer="signsgd", dead_after_tokens=128)
+    straight = tmp_path / "straight"
+    trainer = Trainer(make("switch"), config(run_dir=str(straight), **kw))
+    assert isinstance(trainer.optimizer, SignSGD)
+    trainer.fit(stream)
+    expected = losses_in(straight)
+    assert expected[12] < expected[1]
+
+    run = tmp_path / "run"
+    Trainer(make("switch"), config(run_dir=str(run), checkpoint_every=5, **kw)).fit(stream[:7])
+    Trainer(make("switch"), config(run_dir=str(run), checkpoint_every=5, resume=True, **kw)).fit(stream)
+    assert losses_in(run) == expected
+    with pytest.raises(CheckpointError, match="optimizer"):  # an Adam run cannot resume a SignSGD one
+        Trainer(make("switch"), config(run_dir=str(run), resume=True, **{**kw, "optimizer": "adam"}))
+
+
+def test_an_unknown_optimiser_is_refused():
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        config(optimizer="lion")
 
 
 def test_periodic_checkpoints_are_pruned_and_pickle_free(tmp_path):

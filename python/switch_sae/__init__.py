@@ -4,7 +4,7 @@
 extension is installed, and falls back to the plain PyTorch reference otherwise.
 """
 
-from . import ops, reference
+from . import models, ops, reference
 from .models import (
     SAE,
     BatchTopKSAE,
@@ -16,11 +16,13 @@ from .models import (
     JumpReLUSAEConfig,
     ReLUSAE,
     ReLUSAEConfig,
+    SAEConfig,
     SparseCode,
     SwitchSAE,
     SwitchSAEConfig,
     TopKSAE,
     TopKSAEConfig,
+    architectures,
 )
 from .self_test import selftest
 from .training import StepMetrics, TrainConfig, Trainer
@@ -28,21 +30,7 @@ from .training import StepMetrics, TrainConfig, Trainer
 __version__ = "0.1.0"
 
 __all__ = [
-    "SAE",
-    "ForwardOutput",
-    "SparseCode",
-    "SwitchSAE",
-    "SwitchSAEConfig",
-    "TopKSAE",
-    "TopKSAEConfig",
-    "BatchTopKSAE",
-    "BatchTopKSAEConfig",
-    "ReLUSAE",
-    "ReLUSAEConfig",
-    "GatedSAE",
-    "GatedSAEConfig",
-    "JumpReLUSAE",
-    "JumpReLUSAEConfig",
+    *models.__all__,
     "StepMetrics",
     "TrainConfig",
     "Trainer",

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import inspect
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -224,54 +226,31 @@ if HAS_EXTENSION:
 # ---------------------------------------------------------------- wrappers
 
 
-def dispatch(experts: Tensor, n_experts: int) -> tuple[Tensor, Tensor]:
-    """Group (token, expert) pairs by expert. See ``reference.dispatch``."""
-    if _compiled():
-        return torch.ops.switch_sae.dispatch(experts, n_experts)
-    return reference.dispatch(experts, n_experts)
+def _wrapper(name: str, summary: str, *, autocast_off: bool) -> Callable[..., Any]:
+    """``ops.<name>``: ``torch.ops.switch_sae.<name>`` while the compiled ops are in use, else
+    ``reference.<name>``, with the twin's signature and ``summary`` as its docstring.
+
+    ``autocast_off``: the compiled op is not autocast-aware (it runs in its inputs' dtype), so
+    its twin must run with autocast off too rather than let autocast lower some of its products.
+    """
+
+    def op(*args: Any) -> Any:
+        if _compiled():
+            return getattr(torch.ops.switch_sae, name)(*args)
+        twin = getattr(reference, name)  # looked up per call, so a patched twin is the one used
+        if not autocast_off:
+            return twin(*args)
+        with torch.autocast(args[0].device.type, enabled=False):
+            return twin(*args)
+
+    op.__name__ = op.__qualname__ = name
+    op.__doc__ = f"{summary} See ``reference.{name}``."
+    op.__signature__ = inspect.signature(getattr(reference, name))  # type: ignore[attr-defined]
+    return op
 
 
-def encode_topk(
-    x: Tensor,
-    W_enc: Tensor,
-    b_enc: Tensor | None,
-    b_dec: Tensor,
-    order: Tensor,
-    offsets: Tensor,
-    n_active: int,
-    k: int,
-    tile_rows: int = 1024,
-) -> tuple[Tensor, Tensor]:
-    """Routed encoder, TopK(k), ReLU, in tiles. See ``reference.encode_topk``."""
-    if _compiled():
-        return torch.ops.switch_sae.encode_topk(
-            x, W_enc, b_enc, b_dec, order, offsets, n_active, k, tile_rows
-        )
-    # The compiled op is not autocast-aware (it runs in its inputs' dtype); the reference
-    # must do the same rather than let autocast lower some of its products.
-    with torch.autocast(x.device.type, enabled=False):
-        return reference.encode_topk(x, W_enc, b_enc, b_dec, order, offsets, n_active, k, tile_rows)
-
-
-def decode(values: Tensor, indices: Tensor, W_dec: Tensor) -> Tensor:
-    """Sparse gather-sum decoder. See ``reference.decode``."""
-    if _compiled():
-        return torch.ops.switch_sae.decode(values, indices, W_dec)
-    with torch.autocast(values.device.type, enabled=False):  # as in encode_topk
-        return reference.decode(values, indices, W_dec)
-
-
-def decode_backward(grad_out: Tensor, values: Tensor, indices: Tensor, W_dec: Tensor):
-    """Gradients of ``decode``. See ``reference.decode_backward``."""
-    if _compiled():
-        return torch.ops.switch_sae.decode_backward(grad_out, values, indices, W_dec)
-    return reference.decode_backward(grad_out, values, indices, W_dec)
-
-
-def encode_backward(grad_values, values, indices, x, W_enc, b_dec, n_active: int):
-    """Gradients of ``encode_topk``. See ``reference.encode_backward``."""
-    if _compiled():
-        return torch.ops.switch_sae.encode_backward(
-            grad_values, values, indices, x, W_enc, b_dec, n_active
-        )
-    return reference.encode_backward(grad_values, values, indices, x, W_enc, b_dec, n_active)
+dispatch = _wrapper("dispatch", "Group (token, expert) pairs by expert.", autocast_off=False)
+encode_topk = _wrapper("encode_topk", "Routed encoder, TopK(k), ReLU, in tiles.", autocast_off=True)
+decode = _wrapper("decode", "Sparse gather-sum decoder.", autocast_off=True)
+decode_backward = _wrapper("decode_backward", "Gradients of ``decode``.", autocast_off=False)
+encode_backward = _wrapper("encode_backward", "Gradients of ``encode_topk``.", autocast_off=False)

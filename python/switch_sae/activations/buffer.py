@@ -22,6 +22,8 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import Tensor
 
+from ..utils.checks import check_int
+
 
 class ShufflingBuffer:
     """Iterate to get ``[batch_size, d_in]`` batches; each iteration is one pass over ``source``.
@@ -43,9 +45,8 @@ class ShufflingBuffer:
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
     ) -> None:
-        for name, value in (("capacity", capacity), ("batch_size", batch_size)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int("capacity", capacity)
+        check_int("batch_size", batch_size)
         if capacity < 2 * batch_size:
             raise ValueError(
                 f"capacity={capacity} must hold at least two batches (2 * batch_size = {2 * batch_size}) "

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..io import DamagedFileError, atomic_write, atomic_write_json, check_sha256, read_json_object, sha256_file
-from ..typed_config import config_from_dict
+from ..utils.checks import check_int
+from ..utils.io import DamagedFileError, atomic_write, atomic_write_json, check_sha256, read_json_object, sha256_file
+from ..utils.typed_config import config_from_dict
 from .harvest import iter_activations
 
 MANIFEST = "manifest.json"
@@ -69,8 +70,7 @@ class CacheSpec:
     """Free-form description of the text the tokens came from."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.d_in, int) or self.d_in < 1:
-            raise ValueError(f"d_in must be a positive integer, got {self.d_in!r}")
+        check_int("d_in", self.d_in)
         if self.dtype not in _TORCH_DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_TORCH_DTYPES)}, got {self.dtype!r}")
         if not self.hook_name:
@@ -294,8 +294,7 @@ def build_cache(
     skipped. Stops after ``n_tokens`` activation rows (whole contexts; all of the stream if
     None) in shards of about ``shard_tokens`` rows.
     """
-    if not isinstance(shard_tokens, int) or shard_tokens < 1:
-        raise ValueError(f"shard_tokens must be a positive integer, got {shard_tokens!r}")
+    check_int("shard_tokens", shard_tokens)
     writer = CacheWriter(directory, spec)
     if writer.manifest.complete:
         return ActivationCache(directory, expect=spec)

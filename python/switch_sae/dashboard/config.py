@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..models.baseline import check_positive_int
+from ..utils.checks import check_int_fields
 
 
 @dataclass
@@ -31,10 +31,7 @@ class DashboardConfig:
     """Nearest features by decoder cosine shown per feature."""
 
     def __post_init__(self) -> None:
-        check_positive_int(self, "tokens", "top_examples", "bands", "band_examples", "sample_size", "logit_tokens", "neighbours")
-        for name in ("left", "right"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        check_int_fields(self, "tokens", "top_examples", "bands", "band_examples", "sample_size", "logit_tokens", "neighbours")
+        check_int_fields(self, "left", "right", minimum=0)
         if self.sample_size < self.bands:
             raise ValueError(f"sample_size={self.sample_size} must be at least bands={self.bands} to fill every band")

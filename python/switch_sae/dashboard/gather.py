@@ -125,7 +125,9 @@ class RoutingCounter:
         W_enc = sae.encoder_weight()
         for e in range(cfg.n_experts):
             forced = torch.full((x.shape[0], 1), e, dtype=torch.int64, device=x.device)
-            values, indices = encode_routed(x, W_enc, sae.b_enc, sae.b_dec, None, forced, cfg.k, cfg.tile_rows)
+            values, indices = encode_routed(
+                x, W_enc, sae.b_enc, sae.b_dec, None, forced, cfg.k, cfg.tile_rows, sae.exchange
+            )
             rows, slot = torch.nonzero(values.cpu() > 0, as_tuple=True)
             features = indices.cpu()[rows, slot]
             self.would_fire += torch.bincount(features, minlength=sae.d_sae)

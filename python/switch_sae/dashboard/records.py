@@ -22,7 +22,6 @@ from ..evals.geometry import NearestNeighbours
 from .config import DashboardConfig
 from .effects import LogitEffects
 from .gather import Activity
-from .streaming import N_BINS
 
 
 def sig(x: float) -> float:

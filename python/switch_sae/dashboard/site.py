@@ -33,7 +33,7 @@ import plotly.io as pio
 from jinja2 import Environment, PackageLoader, select_autoescape
 from plotly.offline import get_plotlyjs
 
-from ..io import atomic_write
+from ..utils.io import atomic_write
 from .streaming import HIST_EDGES
 
 ROWS_PER_CHUNK = 4096

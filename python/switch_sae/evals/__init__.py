@@ -25,7 +25,7 @@ __all__ = [
 # Feature geometry, router statistics, FLOP accounting, plots and the analyze report.
 from .experts import ExpertStats, ExpertStatsAccumulator, expert_stats
 from .flops import (
-    FlopCount, SAEShape, flop_count, flop_matched_config, make_saes, parameter_count, training_flops, width_matched_config,
+    FlopCount, SAEShape, flop_count, flop_matched_config, make_saes, matched_configs, parameter_count, training_flops, width_matched_config,
 )
 from .geometry import (
     DuplicateGroup, NearestNeighbours, duplicate_fraction, duplicate_groups, expert_similarity, nearest_neighbours,
@@ -48,6 +48,7 @@ __all__ += [
     "flop_count",
     "flop_matched_config",
     "make_saes",
+    "matched_configs",
     "nearest_neighbours",
     "parameter_count",
     "random_block_similarity",

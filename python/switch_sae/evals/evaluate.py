@@ -34,7 +34,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..activations.harvest import check_hook_names, check_tokens, flatten_heads, harvest, model_device
-from ..io import atomic_write_json
+from ..utils.checks import check_int
+from ..utils.io import atomic_write_json
+from ..utils.tables import fmt
 from .dead import eval_dead_latents, training_dead_latents
 from .experts import ExpertStatsAccumulator
 from .metrics import ReconstructionMetrics
@@ -106,7 +108,7 @@ class EvalResult:
         if self.expert_load is not None:
             rows.append(("expert_load min/max", f"{min(self.expert_load):.4f} / {max(self.expert_load):.4f}"))
         width = max(len(k) for k, _ in rows)
-        return "\n".join(f"{k:<{width}}  {_fmt(v)}" for k, v in rows)
+        return "\n".join(f"{k:<{width}}  {fmt(v, '.6g')}" for k, v in rows)
 
     def __str__(self) -> str:
         return self.table()
@@ -114,12 +116,6 @@ class EvalResult:
     def save(self, path: str | Path) -> Path:
         """Write the result as JSON (atomically)."""
         return atomic_write_json(_json_safe(self.to_dict()), path)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
 
 
 def _json_safe(obj: Any) -> Any:
@@ -239,8 +235,7 @@ def evaluate_many(
         raise ValueError(f"run_dirs names SAEs that are not in saes: {sorted(unknown)}")
     hook_name = _check_hook(saes, hook_name)
     check_hook_names(model, hook_name)
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_int("batch_size", batch_size)
     tokens = check_tokens(tokens).to(model_device(model))
     if tokens.shape[1] < 2:
         raise ValueError(f"tokens must have at least 2 positions to score next-token loss, got {tuple(tokens.shape)}")

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ..models.losses import expert_load
+from ..utils.checks import check_int
 
 
 @dataclass
@@ -59,8 +60,7 @@ class ExpertStatsAccumulator:
     """Feed ``update(output)`` with each batch's ``ForwardOutput``, then call ``result()``."""
 
     def __init__(self, n_experts: int) -> None:
-        if not isinstance(n_experts, int) or n_experts < 1:
-            raise ValueError(f"n_experts must be a positive integer, got {n_experts!r}")
+        check_int("n_experts", n_experts)
         self.n_experts = n_experts
         self.n_tokens = 0
         self.prob_sum = torch.zeros(n_experts, dtype=torch.float64)

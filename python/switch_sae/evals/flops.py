@@ -18,8 +18,8 @@ What the counts assume about the implementation:
 Two comparisons from the paper: *FLOP-matched* gives each expert the dense baseline's width
 (same encoder FLOPs per token, ``n_experts`` times the features; with ``n_active`` experts per
 token each is ``1/n_active`` of it); *width-matched* splits the baseline's ``d_sae`` over the
-experts (same features, ``n_experts`` times fewer encoder FLOPs). ``make_saes`` builds the
-baseline and both counterparts.
+experts (same features, ``n_experts`` times fewer encoder FLOPs). ``matched_configs`` gives the
+baseline and both counterparts, ``make_saes`` builds them: the one builder of this trio.
 
 What it leaves out: memory traffic and measured speed (``benchmarks/``).
 """
@@ -32,8 +32,9 @@ from typing import Any
 
 import torch
 
-from ..models.base import _REGISTRY, SAE
+from ..models.base import SAE, architectures
 from ..models.switch import SwitchSAE, SwitchSAEConfig
+from ..utils.checks import check_int, check_int_fields, is_int
 
 ARCHITECTURES = ("switch", "topk", "batchtopk", "relu", "jumprelu", "gated")
 SPARSE_FAMILY = ("switch", "topk", "batchtopk")
@@ -64,10 +65,7 @@ class SAEShape:
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
-        for name in ("d_in", "d_sae", "n_experts", "n_active"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int_fields(self, "d_in", "d_sae", "n_experts", "n_active")
         if self.architecture in SPARSE_FAMILY and not 1 <= self.k <= self.d_sae // self.n_experts:
             raise ValueError(f"k must be in [1, d_expert={self.d_sae // self.n_experts}] for {self.architecture!r}, got {self.k!r}")
         if self.d_sae % self.n_experts or self.n_active > self.n_experts:
@@ -103,8 +101,7 @@ class FlopCount:
 
     def step_per_token(self, batch_size: int) -> float:
         """Forward + backward + the per-step work shared by ``batch_size`` tokens."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        check_int("batch_size", batch_size)
         return self.forward_total + self.backward_total + sum(self.per_step.values()) / batch_size
 
     def to_dict(self, batch_size: int | None = None) -> dict[str, Any]:
@@ -122,8 +119,9 @@ def shape_of(obj: Any) -> SAEShape:
     architecture = getattr(obj, "architecture", None) if hasattr(obj, "cfg") else None
     if architecture is None:
         # Exact type first: one config class may subclass another's.
-        matches = [name for name, cls in _REGISTRY.items() if type(cfg) is cls.config_class]
-        matches = matches or [name for name, cls in _REGISTRY.items() if isinstance(cfg, cls.config_class)]
+        registered = architectures().items()
+        matches = [name for name, cls in registered if type(cfg) is cls.config_class]
+        matches = matches or [name for name, cls in registered if isinstance(cfg, cls.config_class)]
         if not matches:
             raise TypeError(f"cannot tell the architecture of a {type(obj).__name__}; pass an SAE, its config or an SAEShape")
         architecture = matches[0]
@@ -254,7 +252,7 @@ def flop_matched_config(baseline: Any, n_experts: int, **overrides: Any) -> Swit
     baseline, so ``d_expert = d_sae / n_active`` and there are ``n_experts / n_active`` times
     the features. With one active expert, each expert is as wide as the baseline (the paper)."""
     d_sae, n_active = shape_of(baseline).d_sae, overrides.get("n_active", 1)
-    if not isinstance(n_active, int) or n_active < 1 or d_sae % n_active:
+    if not is_int(n_active) or n_active < 1 or d_sae % n_active:
         raise ValueError(
             f"n_active={n_active!r} must be a positive integer dividing the baseline's d_sae={d_sae}: the "
             "n_active experts a token uses share the baseline's encoder FLOPs, so each is d_sae / n_active wide"
@@ -265,27 +263,28 @@ def flop_matched_config(baseline: Any, n_experts: int, **overrides: Any) -> Swit
 def width_matched_config(baseline: Any, n_experts: int, **overrides: Any) -> SwitchSAEConfig:
     """Switch config with the ``baseline``'s total ``d_sae`` split over ``n_experts`` experts."""
     d_sae = shape_of(baseline).d_sae
-    if not isinstance(n_experts, int) or n_experts < 1 or d_sae % n_experts:
+    if not is_int(n_experts) or n_experts < 1 or d_sae % n_experts:
         raise ValueError(f"n_experts must be a positive integer dividing the baseline's d_sae={d_sae}, got {n_experts!r}")
     return _switch_like(baseline, n_experts, d_sae // n_experts, overrides)
 
 
-def make_saes(baseline: Any, n_experts: int, *, seed: int = 0, **switch_overrides: Any) -> dict[str, SAE]:
-    """The dense ``baseline`` (a TopK-family config) and its Switch counterparts, freshly
-    initialised: ``topk`` (or the baseline's architecture), ``switch-flop``
-    (``flop_matched_config``) and ``switch-width`` (``width_matched_config``).
-
-    Each SAE is initialised after ``torch.manual_seed(seed + i)``, ``i`` its position, so a
-    comparison is reproducible; ``switch_overrides`` go to both Switch configs (e.g. ``n_active``).
-    """
-    architecture = shape_of(baseline).architecture
-    configs = {
-        architecture: baseline,
+def matched_configs(baseline: Any, n_experts: int, **switch_overrides: Any) -> dict[str, Any]:
+    """The dense ``baseline`` (a TopK-family config) and its Switch counterparts' configs:
+    ``topk`` (or the baseline's architecture), ``switch-flop`` (``flop_matched_config``) and
+    ``switch-width`` (``width_matched_config``); ``switch_overrides`` go to both Switch
+    configs (e.g. ``n_active``)."""
+    return {
+        shape_of(baseline).architecture: baseline,
         "switch-flop": flop_matched_config(baseline, n_experts, **switch_overrides),
         "switch-width": width_matched_config(baseline, n_experts, **switch_overrides),
     }
+
+
+def make_saes(baseline: Any, n_experts: int, *, seed: int = 0, **switch_overrides: Any) -> dict[str, SAE]:
+    """The SAEs of ``matched_configs``, freshly initialised, each after
+    ``torch.manual_seed(seed + i)``, ``i`` its position, so a comparison is reproducible."""
     saes = {}
-    for i, (name, cfg) in enumerate(configs.items()):
+    for i, (name, cfg) in enumerate(matched_configs(baseline, n_experts, **switch_overrides).items()):
         torch.manual_seed(seed + i)
-        saes[name] = SwitchSAE(cfg) if name.startswith("switch-") else _REGISTRY[architecture](cfg)
+        saes[name] = SwitchSAE(cfg) if name.startswith("switch-") else architectures()[name](cfg)
     return saes

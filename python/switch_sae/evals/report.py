@@ -25,8 +25,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..io import atomic_write, atomic_write_json
 from ..models.base import CONFIG_FILE, SAE, WEIGHTS_FILE
+from ..utils.io import atomic_write, atomic_write_json
+from ..utils.tables import fmt
 from . import geometry, plots
 from .experts import expert_stats
 from .flops import count_parameters, flop_count
@@ -176,14 +177,6 @@ def _cross_run_plots(runs: list[dict[str, Any]], out_dir: Path) -> list[str]:
     return made
 
 
-def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def _summary(runs: list[dict[str, Any]], figures: list[str]) -> str:
     lines = [
         "# switch_sae analysis",
@@ -198,11 +191,11 @@ def _summary(runs: list[dict[str, Any]], figures: list[str]) -> str:
     for r in runs:
         m, dec = r["metrics"], r["decoder"]
         sim = r.get("expert_similarity") or r.get("random_block_similarity") or {}
-        sim_text = _fmt(sim.get("off_diagonal_mean")) + (" (random blocks)" if "random_block_similarity" in r else "")
+        sim_text = fmt(sim.get("off_diagonal_mean")) + (" (random blocks)" if "random_block_similarity" in r else "")
         groups = dec["duplicate_groups_0.9"]
         lines.append(
-            f"| {r['name']} | {r['label']} | {r['d_sae']} | {r['n_experts']} | {_fmt(r['k'])} | {r['parameters']} "
-            f"| {r['flops']['forward_total']} | {_fmt(m.get('mse'))} | {_fmt(m.get('l0'))} | {_fmt(m.get('loss_recovered'))} "
+            f"| {r['name']} | {r['label']} | {r['d_sae']} | {r['n_experts']} | {fmt(r['k'])} | {r['parameters']} "
+            f"| {r['flops']['forward_total']} | {fmt(m.get('mse'))} | {fmt(m.get('l0'))} | {fmt(m.get('loss_recovered'))} "
             f"| {dec['duplicate_fraction']['0.9']:.4f} | {dec['nn_cos_mean']:.3f} | {groups['count']} ({groups['spanning_experts']}) | {sim_text} |"
         )
     lines += ["", "Figures: " + ", ".join(f"[{f}]({f})" for f in sorted(figures)), ""]

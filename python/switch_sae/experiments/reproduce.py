@@ -44,13 +44,15 @@ from typing import Any
 import torch
 
 from ..activations import hook_d_in
-from ..demo import evaluate_trained, log
-from ..demo_report import format_table
+from ..activations.pipeline import DataConfig, activation_source, check_inputs, eval_tokens, load_language_model, training_batches
 from ..evals import flops, plots
-from ..io import atomic_write, atomic_write_json
 from ..models import SAE, GatedSAE, GatedSAEConfig, ReLUSAE, ReLUSAEConfig, TopKSAEConfig
-from ..pipeline import DataConfig, activation_source, check_inputs, eval_tokens, load_language_model, training_batches
 from ..training import TrainConfig, Trainer
+from ..utils.checks import is_int
+from ..utils.io import atomic_write, atomic_write_json
+from ..utils.runs import config_clashes, require_empty
+from .demo import evaluate_trained, log
+from .demo_report import format_table
 
 CONFIG_FILE = "reproduce_config.json"
 RESUMABLE = ("progress", "keep_activations", "out")  # may change between a run and its continuation
@@ -109,7 +111,7 @@ class ReproduceConfig(DataConfig):
         self.l1_coefficients = tuple(self.l1_coefficients)
         for name, values in (("ks", self.ks), ("expert_counts", self.expert_counts),
                              ("d_sae", (self.d_sae,)), ("n_experts", (self.n_experts,)), ("expert_k", (self.expert_k,))):
-            if not values or any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
+            if not values or any(not is_int(v) or v < 1 for v in values):
                 raise ValueError(f"{name} must be positive integers, got {values!r}")
         if not self.l1_coefficients or any(not 0 < c < float("inf") for c in self.l1_coefficients):
             raise ValueError(f"l1_coefficients must be finite positive numbers, got {self.l1_coefficients!r}")
@@ -204,13 +206,10 @@ def prepare_run_dir(cfg: ReproduceConfig) -> ReproduceConfig:
     out, saved_path = Path(cfg.out), Path(cfg.out) / CONFIG_FILE
     if saved_path.is_file():
         saved = ReproduceConfig(**json.loads(saved_path.read_text()))
-        clashes = {f.name: (getattr(saved, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-                   if f.name not in RESUMABLE and getattr(saved, f.name) != getattr(cfg, f.name)}
-        if clashes:
+        if clashes := config_clashes(saved, cfg, ignore=RESUMABLE):
             raise ValueError(f"cannot continue {out}: these options differ from its run (was, now): {clashes}")
         return cfg
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"run folder {out} exists, is not empty and holds no {CONFIG_FILE}; choose another --out")
+    require_empty(out, f"it holds no {CONFIG_FILE}, so it is not a reproduce run; choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(dataclasses.asdict(cfg), saved_path)
     return cfg

@@ -46,9 +46,9 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
-from ..io import atomic_write_json, atomic_write_safetensors
 from ..models import BatchTopKSAE, GatedSAE, JumpReLUSAE, ReLUSAE, SwitchSAE, TopKSAE
 from ..models.base import SAE
+from ..utils.io import atomic_write_json, atomic_write_safetensors
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"

@@ -1,6 +1,6 @@
 """SAE architectures behind one interface (``SAE``): Switch and the baselines."""
 
-from .base import SAE, ForwardOutput, SparseCode
+from .base import SAE, ForwardOutput, SAEConfig, SparseCode, architectures
 from .batchtopk import BatchTopKSAE, BatchTopKSAEConfig
 from .gated import GatedSAE, GatedSAEConfig
 from .jumprelu import JumpReLUSAE, JumpReLUSAEConfig
@@ -10,6 +10,7 @@ from .topk import TopKSAE, TopKSAEConfig
 
 __all__ = [
     "SAE",
+    "SAEConfig",
     "ForwardOutput",
     "SparseCode",
     "SwitchSAE",
@@ -24,4 +25,5 @@ __all__ = [
     "GatedSAEConfig",
     "JumpReLUSAE",
     "JumpReLUSAEConfig",
+    "architectures",
 ]

@@ -24,13 +24,13 @@ trainer's ``DeadLatentTracker``, which passes its mask to ``training_terms``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .. import ops
+from ..utils.checks import check_int, check_number
 from . import losses
 from .base import SAE, ForwardOutput, SparseCode
 from .routed import encode_routed, single_expert
@@ -47,14 +47,10 @@ class AuxKConfig:
 
     def check_auxk(self, reachable: int) -> None:
         """Validate the AuxK fields; ``reachable`` is how many latents one token's encoder covers."""
-        value = self.auxk_coefficient
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-            raise ValueError(f"auxk_coefficient must be a finite number >= 0, got {value!r}")
-        if self.k_aux is not None:
-            if not isinstance(self.k_aux, int) or isinstance(self.k_aux, bool) or self.k_aux < 1:
-                raise ValueError(f"k_aux must be a positive integer or None, got {self.k_aux!r}")
-            if self.k_aux > reachable:
-                raise ValueError(f"k_aux={self.k_aux} exceeds the latents one token can reach ({reachable})")
+        check_number("auxk_coefficient", self.auxk_coefficient)
+        check_int("k_aux", self.k_aux, optional=True)
+        if self.k_aux is not None and self.k_aux > reachable:
+            raise ValueError(f"k_aux={self.k_aux} exceeds the latents one token can reach ({reachable})")
 
     def resolved_k_aux(self, d_in: int, reachable: int) -> int:
         """``k_aux``, or Gao et al.'s ``d_in / 2`` capped by what one token's encoder reaches."""
@@ -121,4 +117,4 @@ def dead_latent_code(model: SAE, x: Tensor, out: ForwardOutput, dead: Tensor, k_
     else:
         experts = out.experts.reshape(x.shape[0], -1)  # [batch, n_active]
         gates = out.gates.reshape(x.shape[0], -1).detach().to(x.dtype)  # the forward pass's own gates
-    return encode_routed(x, W_enc, bias, model.b_dec, gates, experts, k_aux, model.cfg.tile_rows)
+    return encode_routed(x, W_enc, bias, model.b_dec, gates, experts, k_aux, model.cfg.tile_rows, model.exchange)

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from ..io import (
+from ..utils.io import (
     DamagedFileError,
     atomic_write_json,
     atomic_write_safetensors,
@@ -41,7 +41,8 @@ from ..io import (
     read_safetensors_metadata,
     sha256_file,
 )
-from ..typed_config import config_from_dict
+from ..utils.checks import check_int
+from ..utils.typed_config import config_from_dict
 from . import losses
 
 try:  # TransformerLens hook points, so users can hook an SAE like any TL module.
@@ -99,6 +100,26 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
+@dataclasses.dataclass(kw_only=True)
+class SAEConfig:
+    """Fields every SAE config has (keyword-only, so subclasses may add required ones)."""
+
+    d_in: int
+    """Width of the activations being reconstructed."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, float64, bfloat16 or float16."""
+    device: str = "cpu"
+    """Device for the parameters."""
+    hook_name: str = ""
+    """Where the activations came from (e.g. blocks.8.hook_resid_post); metadata for interop."""
+    model_name: str = ""
+    """Which model the activations came from; metadata for interop."""
+
+    def __post_init__(self) -> None:
+        check_int("d_in", self.d_in)
+        parse_dtype(self.dtype)
+
+
 _REGISTRY: dict[str, type["SAE"]] = {}
 
 
@@ -106,6 +127,11 @@ def register_architecture(cls: type["SAE"]) -> type["SAE"]:
     """Class decorator: make ``SAE.load`` able to rebuild this architecture by name."""
     _REGISTRY[cls.architecture] = cls
     return cls
+
+
+def architectures() -> dict[str, type["SAE"]]:
+    """Every registered architecture by name (``"switch"``, ``"topk"``, ...), as a new dict."""
+    return dict(_REGISTRY)
 
 
 class SAE(HookedRootModule):
@@ -121,6 +147,14 @@ class SAE(HookedRootModule):
         # on by default because a non-finite input silently poisons TopK and training.
         # Under torch.compile the scan is skipped (data-dependent control flow).
         self.check_finite_inputs = True
+        self.hook_sae_input = HookPoint()  # [batch, d_in]
+        self.hook_sae_acts_post = HookPoint()  # [batch, k] sparse values or [batch, d_sae]
+        self.hook_sae_recons = HookPoint()  # [batch, d_in]
+
+    def setup_hooks(self) -> None:
+        """Register the hook points with TransformerLens; call at the end of a subclass ``__init__``."""
+        if HookedRootModule is not nn.Module:
+            self.setup()
 
     # -- the interface -------------------------------------------------------
     @property

@@ -3,10 +3,11 @@
 Every baseline (TopK, BatchTopK, ReLU, Gated, JumpReLU) has ``W_enc [d_sae, d_in]``
 (rows are encoder directions), ``W_dec [d_sae, d_in]`` (rows are unit-norm feature
 directions, started parallel to the encoder rows as in the paper's appendix A) and the
-pre-bias ``b_dec [d_in]``, plus the usual TransformerLens hook points.
+pre-bias ``b_dec [d_in]``; their configs add ``d_sae`` to the fields of every SAE config.
 
-What it leaves out: each architecture's encoder nonlinearity, extra parameters and extra
-training terms (their own files).
+What it leaves out: the hook points and the fields every SAE has (``base.py``), each
+architecture's encoder nonlinearity, extra parameters and extra training terms (their own
+files).
 """
 
 from __future__ import annotations
@@ -16,46 +17,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..utils.checks import check_int, check_number
 from . import losses
-from .base import SAE, HookPoint, HookedRootModule, parse_dtype
-
-
-def check_positive_int(owner: object, *names: str) -> None:
-    """Raise ValueError unless every named field of ``owner`` is a positive integer."""
-    for name in names:
-        value = getattr(owner, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def check_positive_float(owner: object, *names: str) -> None:
-    """Raise ValueError unless every named field of ``owner`` is a finite number > 0."""
-    for name in names:
-        value = getattr(owner, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
-            raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+from .base import SAE, ForwardOutput, SAEConfig, parse_dtype
 
 
 @dataclass(kw_only=True)
-class DictionaryConfig:
-    """Fields every baseline config has (keyword-only, so subclasses may add required ones)."""
+class DictionaryConfig(SAEConfig):
+    """Fields every baseline config has: those of every SAE, and the dictionary's width."""
 
-    d_in: int
-    """Width of the activations being reconstructed."""
     d_sae: int
     """Number of dictionary features."""
-    dtype: str = "float32"
-    """Parameter dtype: float32, float64, bfloat16 or float16."""
-    device: str = "cpu"
-    """Device for the parameters."""
-    hook_name: str = ""
-    """Where the activations came from (e.g. blocks.8.hook_resid_post); metadata for interop."""
-    model_name: str = ""
-    """Which model the activations came from; metadata for interop."""
 
     def __post_init__(self) -> None:
-        check_positive_int(self, "d_in", "d_sae")
-        parse_dtype(self.dtype)
+        super().__post_init__()
+        check_int("d_sae", self.d_sae)
 
 
 @dataclass(kw_only=True)
@@ -67,9 +43,7 @@ class L1Config(DictionaryConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        value = self.l1_coefficient
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-            raise ValueError(f"l1_coefficient must be a finite number >= 0, got {value!r}")
+        check_number("l1_coefficient", self.l1_coefficient)
 
 
 def l1_term(cfg: L1Config, x: Tensor, acts: Tensor, W_dec: Tensor) -> Tensor:
@@ -88,14 +62,6 @@ class DictionarySAE(SAE):
         self.W_dec = nn.Parameter(W_dec)
         self.W_enc = nn.Parameter(W_dec.clone())  # [d_sae, d_in]
         self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **self.factory))  # [d_in] the pre-bias
-        self.hook_sae_input = HookPoint()  # [batch, d_in]
-        self.hook_sae_acts_post = HookPoint()  # [batch, k] sparse values or [batch, d_sae]
-        self.hook_sae_recons = HookPoint()  # [batch, d_in]
-
-    def setup_hooks(self) -> None:
-        """Register the hook points; call at the end of a subclass ``__init__``."""
-        if HookedRootModule is not nn.Module:
-            self.setup()
 
     @property
     def d_sae(self) -> int:
@@ -108,3 +74,34 @@ class DictionarySAE(SAE):
     def pre_acts(self, x: Tensor) -> Tensor:
         """``x [batch, d_in]`` -> ``W_enc (x - b_dec)``, ``[batch, d_sae]`` (plain PyTorch)."""
         return (x - self.b_dec) @ self.W_enc.T
+
+
+class DenseCodeSAE(DictionarySAE):
+    """The L1 family (ReLU, Gated, JumpReLU): a dense ``[batch, d_sae]`` code from plain
+    matrix products, decoded by ``acts @ W_dec + b_dec``.
+
+    A subclass provides ``encode_batch(x)``: ``x [batch, d_in]`` -> ``acts [batch, d_sae]``
+    and the ``aux`` inputs its ``training_terms`` needs (or None).
+    """
+
+    def encode_batch(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor] | None]:
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        """``x [..., d_in]`` -> dense ``[..., d_sae]`` activations."""
+        x, lead = self.check_input(x)
+        return self.encode_batch(x)[0].view(*lead, self.d_sae)
+
+    def encode_dense(self, x: Tensor) -> Tensor:
+        return self.encode(x)
+
+    def decode(self, acts: Tensor) -> Tensor:
+        return acts @ self.W_dec + self.b_dec
+
+    def forward(self, x: Tensor) -> ForwardOutput:
+        x, lead = self.check_input(x)
+        x = self.hook_sae_input(x)  # [batch, d_in]
+        acts, aux = self.encode_batch(x)
+        acts = self.hook_sae_acts_post(acts)  # [batch, d_sae]
+        x_hat = self.hook_sae_recons(self.decode(acts))
+        return ForwardOutput(x_hat=x_hat.view(*lead, self.d_in), code=None, acts=acts.view(*lead, self.d_sae), aux=aux)

@@ -12,44 +12,33 @@ with ``k = d_sae`` (one expert, rows sorted descending). Because each row is sor
 kept entries of a row are a prefix; the code is that prefix, padded with zeros to the
 longest one in the batch, and decoding is the same sparse ``ops.decode`` as Switch.
 
-What it leaves out: the AuxK dead-latent loss (``switch_sae.training``).
+What it leaves out: the single-expert encoder it shares with TopK (``topk.DictionaryTopKSAE``)
+and the AuxK dead-latent loss (``auxk.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from .. import ops
-from .auxk import AuxKConfig, AuxKTerms
-from .base import ForwardOutput, SparseCode, register_architecture
-from .baseline import DictionaryConfig, DictionarySAE, check_positive_int
-from .routed import encode_routed, single_expert
+from .base import SparseCode, register_architecture
+from .topk import DictionaryTopKConfig, DictionaryTopKSAE
 
 
 @dataclass(kw_only=True)
-class BatchTopKSAEConfig(AuxKConfig, DictionaryConfig):
+class BatchTopKSAEConfig(DictionaryTopKConfig):
     """Shape and options of a BatchTopK SAE."""
 
-    k: int
-    """Mean active features per token over a training batch."""
-    use_encoder_bias: bool = True
-    """Per-feature encoder bias ``b_enc``."""
     threshold_lr: float = 0.01
     """Rate of the moving average of the smallest kept activation (the inference threshold)."""
-    tile_rows: int = 1024
-    """Tokens encoded at once by ``ops.encode_topk``."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_int(self, "k", "tile_rows")
-        if self.k > self.d_sae:
-            raise ValueError(f"k={self.k} is larger than the dictionary (d_sae={self.d_sae}); lower k")
         if not 0 < self.threshold_lr <= 1:
             raise ValueError(f"threshold_lr must be in (0, 1], got {self.threshold_lr!r}")
-        self.check_auxk(reachable=self.d_sae)
 
 
 def keep_prefix(values: Tensor, indices: Tensor, counts: Tensor) -> SparseCode:
@@ -67,7 +56,7 @@ def keep_prefix(values: Tensor, indices: Tensor, counts: Tensor) -> SparseCode:
 
 
 @register_architecture
-class BatchTopKSAE(AuxKTerms, DictionarySAE):
+class BatchTopKSAE(DictionaryTopKSAE):
     """BatchTopK SAE: batch-wide top k in training, a learnt threshold at inference."""
 
     architecture = "batchtopk"
@@ -75,24 +64,14 @@ class BatchTopKSAE(AuxKTerms, DictionarySAE):
 
     def __init__(self, cfg: BatchTopKSAEConfig) -> None:
         super().__init__(cfg)
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **self.factory)) if cfg.use_encoder_bias else None
         # float64 so a long average of small updates does not stall; -1 means "not yet seen
         # a training batch", in which case inference falls back to the batch top k.
         self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float64, device=cfg.device))
-        self.setup_hooks()
 
-    def encoder_weight(self) -> Tensor:
-        """``[1, d_sae, d_in]``: the dictionary as the single expert of ``ops.encode_topk``."""
-        return self.W_enc.unsqueeze(0)
-
-    def _sorted_acts(self, x: Tensor) -> SparseCode:
-        """All ``[batch, d_sae]`` ReLU pre-activations per token, sorted descending."""
-        b_enc = None if self.b_enc is None else self.b_enc.unsqueeze(0)
-        experts = single_expert(x.shape[0], x.device)
-        return encode_routed(x, self.encoder_weight(), b_enc, self.b_dec, None, experts, self.d_sae, self.cfg.tile_rows)
-
-    def _encode_flat(self, x: Tensor, update_threshold: bool) -> tuple[SparseCode, dict[str, Tensor]]:
-        values, indices = self._sorted_acts(x)  # [batch, d_sae] each
+    def encode_batch(self, x: Tensor, update_state: bool) -> tuple[SparseCode, dict[str, Any]]:
+        """The code of ``x [batch, d_in]``: the batch top k in training (or before any training
+        batch), the learnt threshold at inference; ``update_state`` moves the threshold."""
+        values, indices = self.encode_single_expert(x, self.d_sae)  # [batch, d_sae] each, sorted descending
         use_threshold = not self.training and self.threshold >= 0
         if use_threshold:
             counts = (values > self.threshold.to(values.dtype)).sum(-1)
@@ -102,8 +81,9 @@ class BatchTopKSAE(AuxKTerms, DictionarySAE):
         # Ties at the k*batch-th value are kept whole: they are equal, so which one is immaterial.
         # Zeros (ReLU'd) are never kept: they add nothing and would only widen the code.
         counts = ((values.detach() >= kth) & (values.detach() > 0)).sum(-1)
-        aux = self._update_threshold_(values.detach(), counts) if update_threshold else {}
-        return keep_prefix(values, indices, counts), aux
+        if not update_state:
+            return keep_prefix(values, indices, counts), {}
+        return keep_prefix(values, indices, counts), {"aux": self._update_threshold_(values.detach(), counts)}
 
     @torch.no_grad()
     def _update_threshold_(self, values: Tensor, counts: Tensor) -> dict[str, Tensor]:
@@ -116,32 +96,3 @@ class BatchTopKSAE(AuxKTerms, DictionarySAE):
             else:
                 self.threshold.lerp_(smallest, self.cfg.threshold_lr)
         return {"threshold": self.threshold.clone()}
-
-    def encode(self, x: Tensor) -> SparseCode:
-        """``x [..., d_in]`` -> ``SparseCode`` of width ``[..., max L0 in the batch]``, zero-padded."""
-        x, lead = self.check_input(x)
-        (values, indices), _ = self._encode_flat(x, update_threshold=False)
-        return SparseCode(values.view(*lead, -1), indices.view(*lead, -1))
-
-    def encode_dense(self, x: Tensor) -> Tensor:
-        values, indices = self.encode(x)
-        return values.new_zeros(*values.shape[:-1], self.d_sae).scatter_add(-1, indices, values)
-
-    def decode(self, code: SparseCode) -> Tensor:
-        values, indices = code  # [..., width] each
-        lead, width = values.shape[:-1], values.shape[-1]
-        flat = ops.decode(values.reshape(-1, width), indices.reshape(-1, width), self.W_dec)
-        return (flat + self.b_dec).view(*lead, self.d_in)
-
-    def forward(self, x: Tensor) -> ForwardOutput:
-        x, lead = self.check_input(x)
-        x = self.hook_sae_input(x)  # [batch, d_in]
-        code, aux = self._encode_flat(x, update_threshold=self.training)
-        values = self.hook_sae_acts_post(code.values)  # [batch, width]
-        x_hat = self.hook_sae_recons(ops.decode(values, code.indices, self.W_dec) + self.b_dec)
-        return ForwardOutput(
-            x_hat=x_hat.view(*lead, self.d_in),
-            code=SparseCode(values.view(*lead, -1), code.indices.view(*lead, -1)),
-            acts=None,
-            aux=aux or None,
-        )

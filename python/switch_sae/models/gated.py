@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from . import losses
 from .base import ForwardOutput, register_architecture
-from .baseline import DictionarySAE, L1Config, l1_term
+from .baseline import DenseCodeSAE, L1Config, l1_term
 
 
 @dataclass(kw_only=True)
@@ -34,7 +34,7 @@ class GatedSAEConfig(L1Config):
 
 
 @register_architecture
-class GatedSAE(DictionarySAE):
+class GatedSAE(DenseCodeSAE):
     """Gated SAE: a gate path picks features, a magnitude path sizes them. Dense PyTorch."""
 
     architecture = "gated"
@@ -47,35 +47,13 @@ class GatedSAE(DictionarySAE):
         self.b_mag = nn.Parameter(torch.zeros(cfg.d_sae, **self.factory))  # [d_sae]
         self.setup_hooks()
 
-    def _gate_and_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def encode_batch(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """The magnitude path's values where the gate path is open; ``gate_acts`` for the losses."""
         pre = self.pre_acts(x)  # [batch, d_sae], shared by both paths
         pi_gate = pre + self.b_gate
         pi_mag = pre * torch.exp(self.r_mag) + self.b_mag
         acts = (pi_gate > 0).to(pre.dtype) * torch.relu(pi_mag)  # [batch, d_sae]
-        return pi_gate, acts
-
-    def encode(self, x: Tensor) -> Tensor:
-        """``x [..., d_in]`` -> dense ``[..., d_sae]`` activations."""
-        x, lead = self.check_input(x)
-        return self._gate_and_acts(x)[1].view(*lead, self.d_sae)
-
-    encode_dense = encode
-
-    def decode(self, acts: Tensor) -> Tensor:
-        return acts @ self.W_dec + self.b_dec
-
-    def forward(self, x: Tensor) -> ForwardOutput:
-        x, lead = self.check_input(x)
-        x = self.hook_sae_input(x)  # [batch, d_in]
-        pi_gate, acts = self._gate_and_acts(x)
-        acts = self.hook_sae_acts_post(acts)
-        x_hat = self.hook_sae_recons(self.decode(acts))
-        return ForwardOutput(
-            x_hat=x_hat.view(*lead, self.d_in),
-            code=None,
-            acts=acts.view(*lead, self.d_sae),
-            aux={"gate_acts": torch.relu(pi_gate)},  # [batch, d_sae]
-        )
+        return acts, {"gate_acts": torch.relu(pi_gate)}  # [batch, d_sae]
 
     def training_terms(self, x: Tensor, out: ForwardOutput, dead: Tensor | None = None) -> dict[str, Tensor]:
         """Reconstruction, ``l1`` on the gate path, and ``gate_aux``: the gate path's

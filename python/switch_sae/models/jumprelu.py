@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..utils.checks import check_number, check_number_fields
 from . import losses
 from .base import ForwardOutput, register_architecture
-from .baseline import DictionaryConfig, DictionarySAE, check_positive_float
+from .baseline import DenseCodeSAE, DictionaryConfig
 
 
 def _window(pre: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
@@ -80,14 +81,12 @@ class JumpReLUSAEConfig(DictionaryConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_float(self, "threshold_init", "bandwidth")
-        value = self.l0_coefficient
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-            raise ValueError(f"l0_coefficient must be a finite number >= 0, got {value!r}")
+        check_number_fields(self, "threshold_init", "bandwidth", positive=True)
+        check_number("l0_coefficient", self.l0_coefficient)
 
 
 @register_architecture
-class JumpReLUSAE(DictionarySAE):
+class JumpReLUSAE(DenseCodeSAE):
     """JumpReLU SAE: a learnt per-feature threshold, trained with an L0 penalty. Dense PyTorch."""
 
     architecture = "jumprelu"
@@ -104,32 +103,10 @@ class JumpReLUSAE(DictionarySAE):
     def threshold(self) -> Tensor:
         return torch.exp(self.log_threshold)  # [d_sae]
 
-    def _pre_and_acts(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def encode_batch(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """JumpReLU of the pre-activations; ``pre_acts`` for the L0 penalty."""
         pre = self.pre_acts(x) + self.b_enc  # [batch, d_sae]
-        return pre, JumpReLUFunction.apply(pre, self.threshold, self.cfg.bandwidth)
-
-    def encode(self, x: Tensor) -> Tensor:
-        """``x [..., d_in]`` -> dense ``[..., d_sae]`` activations."""
-        x, lead = self.check_input(x)
-        return self._pre_and_acts(x)[1].view(*lead, self.d_sae)
-
-    encode_dense = encode
-
-    def decode(self, acts: Tensor) -> Tensor:
-        return acts @ self.W_dec + self.b_dec
-
-    def forward(self, x: Tensor) -> ForwardOutput:
-        x, lead = self.check_input(x)
-        x = self.hook_sae_input(x)  # [batch, d_in]
-        pre, acts = self._pre_and_acts(x)
-        acts = self.hook_sae_acts_post(acts)
-        x_hat = self.hook_sae_recons(self.decode(acts))
-        return ForwardOutput(
-            x_hat=x_hat.view(*lead, self.d_in),
-            code=None,
-            acts=acts.view(*lead, self.d_sae),
-            aux={"pre_acts": pre},
-        )
+        return JumpReLUFunction.apply(pre, self.threshold, self.cfg.bandwidth), {"pre_acts": pre}
 
     def training_terms(self, x: Tensor, out: ForwardOutput, dead: Tensor | None = None) -> dict[str, Tensor]:
         """Reconstruction and the L0 penalty (``l0``)."""

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import ForwardOutput, register_architecture
-from .baseline import DictionarySAE, L1Config, l1_term
+from .baseline import DenseCodeSAE, L1Config, l1_term
 
 
 @dataclass(kw_only=True)
@@ -30,7 +30,7 @@ class ReLUSAEConfig(L1Config):
 
 
 @register_architecture
-class ReLUSAE(DictionarySAE):
+class ReLUSAE(DenseCodeSAE):
     """ReLU SAE trained with a decoder-norm-weighted L1 penalty. Dense PyTorch."""
 
     architecture = "relu"
@@ -41,29 +41,8 @@ class ReLUSAE(DictionarySAE):
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **self.factory))  # [d_sae]
         self.setup_hooks()
 
-    def _acts(self, x: Tensor) -> Tensor:
-        return torch.relu(self.pre_acts(x) + self.b_enc)  # [batch, d_sae]
-
-    def encode(self, x: Tensor) -> Tensor:
-        """``x [..., d_in]`` -> dense ``[..., d_sae]`` activations."""
-        x, lead = self.check_input(x)
-        return self._acts(x).view(*lead, self.d_sae)
-
-    encode_dense = encode
-
-    def decode(self, acts: Tensor) -> Tensor:
-        return acts @ self.W_dec + self.b_dec
-
-    def forward(self, x: Tensor) -> ForwardOutput:
-        x, lead = self.check_input(x)
-        x = self.hook_sae_input(x)  # [batch, d_in]
-        acts = self.hook_sae_acts_post(self._acts(x))  # [batch, d_sae]
-        x_hat = self.hook_sae_recons(self.decode(acts))
-        return ForwardOutput(
-            x_hat=x_hat.view(*lead, self.d_in),
-            code=None,
-            acts=acts.view(*lead, self.d_sae),
-        )
+    def encode_batch(self, x: Tensor) -> tuple[Tensor, None]:
+        return torch.relu(self.pre_acts(x) + self.b_enc), None  # [batch, d_sae]
 
     def training_terms(self, x: Tensor, out: ForwardOutput, dead: Tensor | None = None) -> dict[str, Tensor]:
         """Reconstruction and the L1 penalty (``l1``)."""

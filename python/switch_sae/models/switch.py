@@ -4,9 +4,20 @@
     code  = TopK_k( union over selected e of  gate_e * ReLU(TopK_k(W_enc[e] (x - b_dec) + b_enc[e])) )
     x_hat = sum_j code.values[j] * W_dec_flat[code.indices[j]] + b_dec
 
-Tokens are grouped by expert (``ops.dispatch``) and only their expert's encoder rows are
-multiplied (``ops.encode_topk``), so the encoder costs ``n_active * d_expert`` rather
-than ``d_sae`` multiply-adds per token per input dimension; decoding is a gather-sum.
+One forward pass of ``x [batch, d_in]``, stage by stage (the stages live in ``routed.py``):
+
+    route     probs [batch, n_experts]; experts, gates [batch, n_active]     (``route`` below)
+    dispatch  the rows = batch * n_active (token, expert) pairs grouped by expert: ``Grouped``
+              (tokens [batch, d_in], order [rows], offsets [n_experts + 1])
+    exchange  ``Grouped`` to the process owning each expert and codes back (``self.exchange``;
+              the identity on one process)
+    encode    values, indices [rows, k]: each pair's TopK over its expert's d_expert features
+    combine   values * gate; each token's n_active * k candidates merged into its top k: [batch, k]
+    decode    x_hat [batch, d_in] = gather-sum of k decoder rows + b_dec
+
+Only a token's own experts' encoder rows are multiplied (``ops.encode_topk``), so the
+encoder costs ``n_active * d_expert`` rather than ``d_sae`` multiply-adds per token per input
+dimension, and no ``[batch, d_sae]`` tensor is ever built.
 The gate is the router's (not renormalised) probability: with one active expert it is
 ``p_max``, which is how the router learns from the reconstruction loss (paper, sec. 3);
 ``gate="renormalized"`` divides it by the sum over the selected experts (Scale SAE).
@@ -25,19 +36,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import ops, reference
+from .. import reference
+from ..utils.checks import check_int_fields, check_number
 from . import losses
 from .auxk import AuxKConfig, AuxKTerms
-from .base import SAE, ForwardOutput, HookPoint, HookedRootModule, SparseCode, parse_dtype, register_architecture
-from .routed import encode_routed
+from .base import ForwardOutput, HookPoint, SAEConfig, SparseCode, parse_dtype, register_architecture
+from .routed import RoutedSAE, encode_routed
 
 
-@dataclass
-class SwitchSAEConfig(AuxKConfig):
+@dataclass(kw_only=True)
+class SwitchSAEConfig(AuxKConfig, SAEConfig):
     """Shape and options of a Switch SAE. ``d_sae = n_experts * d_expert``."""
 
-    d_in: int
-    """Width of the activations being reconstructed."""
     n_experts: int
     """Number of expert SAEs the router chooses from."""
     d_expert: int
@@ -54,22 +64,12 @@ class SwitchSAEConfig(AuxKConfig):
     """Scale SAE feature scaling of the encoder (low-pass/high-pass split per expert)."""
     tile_rows: int = 1024
     """Tokens encoded at once per expert: bounds pre-activation memory to tile_rows x d_expert."""
-    dtype: str = "float32"
-    """Parameter dtype: float32, float64, bfloat16 or float16."""
-    device: str = "cpu"
-    """Device for the parameters."""
-    hook_name: str = ""
-    """Where the activations came from (e.g. blocks.8.hook_resid_post); metadata for interop."""
-    model_name: str = ""
-    """Which model the activations came from; metadata for interop."""
     lb_coefficient: float = 0.3
     """Weight of the load-balancing loss ``n_experts * sum_i f_i P_i`` (1 when balanced) relative to the normalised reconstruction loss: the term is lb_coefficient * total_variance(x) * that statistic, so a collapsed router costs as much as lb_coefficient * (n_experts - 1) of unexplained variance. 0.3 kept the router balanced (statistic <= 1.01) and decisive (mean p_max > 0.9) on clustered synthetic data (benchmarks/synthetic_compare.py). 0 turns it off."""
 
     def __post_init__(self) -> None:
-        for name in ("d_in", "n_experts", "d_expert", "k", "n_active", "tile_rows"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        super().__post_init__()
+        check_int_fields(self, "n_experts", "d_expert", "k", "n_active", "tile_rows")
         if self.k > self.d_expert:
             raise ValueError(
                 f"k={self.k} is larger than an expert (d_expert={self.d_expert}): each expert "
@@ -79,10 +79,7 @@ class SwitchSAEConfig(AuxKConfig):
             raise ValueError(f"n_active={self.n_active} exceeds n_experts={self.n_experts}")
         if self.gate not in reference.GATES:
             raise ValueError(f"gate must be one of {reference.GATES}, got {self.gate!r}")
-        parse_dtype(self.dtype)
-        lb = self.lb_coefficient
-        if isinstance(lb, bool) or not isinstance(lb, (int, float)) or not 0 <= lb < float("inf"):
-            raise ValueError(f"lb_coefficient must be a finite number >= 0, got {lb!r}")
+        check_number("lb_coefficient", self.lb_coefficient)
         self.check_auxk(reachable=self.n_active * self.d_expert)
 
     @property
@@ -91,7 +88,7 @@ class SwitchSAEConfig(AuxKConfig):
 
 
 @register_architecture
-class SwitchSAE(AuxKTerms, SAE):
+class SwitchSAE(AuxKTerms, RoutedSAE):
     """Switch SAE: a router sends each token to ``n_active`` of ``n_experts`` TopK SAEs."""
 
     architecture = "switch"
@@ -113,12 +110,8 @@ class SwitchSAE(AuxKTerms, SAE):
         if cfg.feature_scaling:
             self.feature_T = nn.Parameter(torch.eye(d, **factory))  # [d_in, d_in]
             self.feature_w = nn.Parameter(torch.zeros(E, **factory))  # [n_experts]
-        self.hook_sae_input = HookPoint()  # [batch, d_in]
         self.hook_router_probs = HookPoint()  # [batch, n_experts]
-        self.hook_sae_acts_post = HookPoint()  # [batch, k] gated sparse values
-        self.hook_sae_recons = HookPoint()  # [batch, d_in]
-        if HookedRootModule is not nn.Module:
-            self.setup()
+        self.setup_hooks()
 
     @property
     def d_sae(self) -> int:
@@ -152,47 +145,14 @@ class SwitchSAE(AuxKTerms, SAE):
         probs, gates, experts = reference.route(x, self.W_router, self.b_router, self.cfg.n_active, self.cfg.gate)
         return self.hook_router_probs(probs), gates.to(x.dtype), experts
 
-    def _encode_routed(self, x: Tensor, gates: Tensor, experts: Tensor) -> SparseCode:
+    def encode_batch(self, x: Tensor, update_state: bool) -> tuple[SparseCode, dict[str, Tensor]]:
+        """route -> dispatch -> exchange -> encode -> combine (``models.routed``) of ``x [batch, d_in]``."""
         cfg = self.cfg
-        return encode_routed(
-            x, self.encoder_weight(), self.b_enc, self.b_dec, gates, experts, cfg.k, cfg.tile_rows
-        )
-
-    def encode(self, x: Tensor) -> SparseCode:
-        """``x [..., d_in]`` -> ``SparseCode`` with values/indices of shape ``[..., k]``."""
-        x, lead = self.check_input(x)
-        _, gates, experts = self.route(x)
-        code = self._encode_routed(x, gates, experts)
-        k = self.cfg.k
-        return SparseCode(code.values.view(*lead, k), code.indices.view(*lead, k))
-
-    def encode_dense(self, x: Tensor) -> Tensor:
-        code = self.encode(x)
-        dense = code.values.new_zeros(*code.values.shape[:-1], self.d_sae)
-        return dense.scatter(-1, code.indices, code.values)
-
-    def decode(self, code: SparseCode) -> Tensor:
-        values, indices = code  # [..., k] each
-        lead, k = values.shape[:-1], values.shape[-1]
-        flat = ops.decode(values.reshape(-1, k), indices.reshape(-1, k), self.W_dec_flat)
-        return (flat + self.b_dec).view(*lead, self.d_in)
-
-    def forward(self, x: Tensor) -> ForwardOutput:
-        x, lead = self.check_input(x)
-        x = self.hook_sae_input(x)  # [batch, d_in]
         probs, gates, experts = self.route(x)
-        code = self._encode_routed(x, gates, experts)
-        values = self.hook_sae_acts_post(code.values)  # [batch, k]
-        x_hat = self.hook_sae_recons(ops.decode(values, code.indices, self.W_dec_flat) + self.b_dec)
-        cfg = self.cfg
-        return ForwardOutput(
-            x_hat=x_hat.view(*lead, self.d_in),
-            code=SparseCode(values.view(*lead, cfg.k), code.indices.view(*lead, cfg.k)),
-            acts=None,
-            router_probs=probs.view(*lead, cfg.n_experts),
-            experts=experts.view(*lead, cfg.n_active),
-            gates=gates.view(*lead, cfg.n_active),
+        code = encode_routed(
+            x, self.encoder_weight(), self.b_enc, self.b_dec, gates, experts, cfg.k, cfg.tile_rows, self.exchange
         )
+        return code, {"router_probs": probs, "experts": experts, "gates": gates}
 
     def training_terms(self, x: Tensor, out: ForwardOutput, dead: Tensor | None = None) -> dict[str, Tensor]:
         """Reconstruction, AuxK (``auxk``, once latents are dead) and load balancing (``lb``)."""

@@ -9,6 +9,8 @@ and decoding is ``ops.decode``. So it never builds ``[batch, d_sae]`` beyond one
 ``tile_rows x d_sae`` pre-activations, and it is the fair dense-dictionary comparison.
 
 Training terms: reconstruction plus Gao et al.'s AuxK dead-latent loss (``auxk.py``).
+``DictionaryTopKSAE`` is what TopK and BatchTopK share: the single-expert encoder over one
+flat dictionary, its bias, and the AuxK terms.
 """
 
 from __future__ import annotations
@@ -18,19 +20,19 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .. import ops
+from ..utils.checks import check_int_fields
 from .auxk import AuxKConfig, AuxKTerms
-from .base import ForwardOutput, SparseCode, register_architecture
-from .baseline import DictionaryConfig, DictionarySAE, check_positive_int
-from .routed import encode_routed, single_expert
+from .base import SparseCode, register_architecture
+from .baseline import DictionaryConfig, DictionarySAE
+from .routed import RoutedSAE, encode_routed, single_expert
 
 
 @dataclass(kw_only=True)
-class TopKSAEConfig(AuxKConfig, DictionaryConfig):
-    """Shape and options of a TopK SAE."""
+class DictionaryTopKConfig(AuxKConfig, DictionaryConfig):
+    """Fields of the TopK-family SAEs over one flat dictionary (TopK, BatchTopK)."""
 
     k: int
-    """Active features per token (the L0 of the code)."""
+    """Active features per token (the L0 of the code); for BatchTopK, their mean over a training batch."""
     use_encoder_bias: bool = True
     """Per-feature encoder bias ``b_enc`` (Gao et al. use one)."""
     tile_rows: int = 1024
@@ -38,20 +40,16 @@ class TopKSAEConfig(AuxKConfig, DictionaryConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        check_positive_int(self, "k", "tile_rows")
+        check_int_fields(self, "k", "tile_rows")
         if self.k > self.d_sae:
             raise ValueError(f"k={self.k} is larger than the dictionary (d_sae={self.d_sae}); lower k")
         self.check_auxk(reachable=self.d_sae)
 
 
-@register_architecture
-class TopKSAE(AuxKTerms, DictionarySAE):
-    """TopK SAE: keep the k largest pre-activations of each token."""
+class DictionaryTopKSAE(AuxKTerms, RoutedSAE, DictionarySAE):
+    """A TopK-family SAE over one flat dictionary: a Switch SAE with one expert and no router."""
 
-    architecture = "topk"
-    config_class = TopKSAEConfig
-
-    def __init__(self, cfg: TopKSAEConfig) -> None:
+    def __init__(self, cfg: DictionaryTopKConfig) -> None:
         super().__init__(cfg)
         self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **self.factory)) if cfg.use_encoder_bias else None
         self.setup_hooks()
@@ -64,37 +62,26 @@ class TopKSAE(AuxKTerms, DictionarySAE):
         """``[1, d_sae]`` or None, matching ``encoder_weight``."""
         return None if self.b_enc is None else self.b_enc.unsqueeze(0)
 
-    def _encode_flat(self, x: Tensor) -> SparseCode:
+    def encode_single_expert(self, x: Tensor, k: int) -> SparseCode:
+        """dispatch -> encode (``models.routed``) of ``x [batch, d_in]``, every token to the one
+        expert: the top ``k`` ReLU'd pre-activations of each token, ``[batch, k]``, descending."""
         experts = single_expert(x.shape[0], x.device)  # [batch, 1]
         return encode_routed(
-            x, self.encoder_weight(), self.encoder_bias(), self.b_dec, None, experts, self.cfg.k, self.cfg.tile_rows
+            x, self.encoder_weight(), self.encoder_bias(), self.b_dec, None, experts, k, self.cfg.tile_rows, self.exchange
         )
 
-    def encode(self, x: Tensor) -> SparseCode:
-        """``x [..., d_in]`` -> ``SparseCode`` with values/indices of shape ``[..., k]``."""
-        x, lead = self.check_input(x)
-        values, indices = self._encode_flat(x)
-        return SparseCode(values.view(*lead, self.cfg.k), indices.view(*lead, self.cfg.k))
 
-    def encode_dense(self, x: Tensor) -> Tensor:
-        values, indices = self.encode(x)
-        return values.new_zeros(*values.shape[:-1], self.d_sae).scatter(-1, indices, values)
+@dataclass(kw_only=True)
+class TopKSAEConfig(DictionaryTopKConfig):
+    """Shape and options of a TopK SAE."""
 
-    def decode(self, code: SparseCode) -> Tensor:
-        values, indices = code  # [..., k] each
-        lead, k = values.shape[:-1], values.shape[-1]
-        flat = ops.decode(values.reshape(-1, k), indices.reshape(-1, k), self.W_dec)
-        return (flat + self.b_dec).view(*lead, self.d_in)
 
-    def forward(self, x: Tensor) -> ForwardOutput:
-        x, lead = self.check_input(x)
-        x = self.hook_sae_input(x)  # [batch, d_in]
-        code = self._encode_flat(x)
-        values = self.hook_sae_acts_post(code.values)  # [batch, k]
-        x_hat = self.hook_sae_recons(ops.decode(values, code.indices, self.W_dec) + self.b_dec)
-        k = self.cfg.k
-        return ForwardOutput(
-            x_hat=x_hat.view(*lead, self.d_in),
-            code=SparseCode(values.view(*lead, k), code.indices.view(*lead, k)),
-            acts=None,
-        )
+@register_architecture
+class TopKSAE(DictionaryTopKSAE):
+    """TopK SAE: keep the k largest pre-activations of each token."""
+
+    architecture = "topk"
+    config_class = TopKSAEConfig
+
+    def encode_batch(self, x: Tensor, update_state: bool) -> tuple[SparseCode, dict[str, Tensor]]:
+        return self.encode_single_expert(x, self.cfg.k), {}

@@ -3,7 +3,7 @@
 A checkpoint is a folder ``<root>/step_<step>/``::
 
     model/cfg.json, model/model.safetensors   the SAE (``SAE.save``)
-    optimizer.safetensors, optimizer.json     Adam's tensors; its param groups and scalars
+    optimizer.safetensors, optimizer.json     the optimiser's tensors; its param groups and scalars
     trainer.safetensors                       dead-latent counters, torch RNG state(s)
     trainer.json                              step, tokens, data position, input scale, config
     manifest.json                             sha256 of every file above; written last
@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..io import (
+from ..models.base import CHECKSUM_KEY, CONFIG_FILE, WEIGHTS_FILE, SAE, load_weights
+from ..utils.io import (
     DamagedFileError,
     atomic_write_json,
     atomic_write_safetensors,
@@ -39,7 +40,6 @@ from ..io import (
     read_safetensors,
     sha256_file,
 )
-from ..models.base import CHECKSUM_KEY, CONFIG_FILE, WEIGHTS_FILE, SAE, load_weights
 
 MANIFEST = "manifest.json"
 FORMAT = "switch_sae.checkpoint/1"
@@ -68,9 +68,10 @@ def _load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor]
         param_id, key = flat.split(".", 1)
         state.setdefault(int(param_id), {})[key] = value
     groups = meta["param_groups"]
-    for group in groups:
-        if "betas" in group:
-            group["betas"] = tuple(group["betas"])
+    for group in groups:  # JSON turned the tuples of a group's settings (Adam's betas) into lists
+        for key, value in group.items():
+            if key != "params" and isinstance(value, list):
+                group[key] = tuple(value)
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..utils.checks import check_int_fields, check_number, check_number_fields
+from .optim import OPTIMIZERS
+
 
 @dataclass
 class TrainConfig:
@@ -24,6 +27,8 @@ class TrainConfig:
     """Optimiser steps in the whole run; the lr schedule is laid out over it."""
     lr: float | None = None
     """Peak learning rate; None means 2e-4 / sqrt(width / 2^14), the paper's scaling law, with width the model's SAE.encoder_width (d_sae for a dense dictionary; n_active * d_expert for a Switch SAE, each of whose experts is a TopK SAE of width d_expert)."""
+    optimizer: str = "adam"
+    """The optimiser, a name in training.optim.OPTIMIZERS: 'adam' (the paper's, with adam_betas and adam_eps) or 'signsgd' (steps by lr * sign(grad), as sparsify does; the default lr law was measured with Adam)."""
     adam_betas: tuple[float, float] = (0.9, 0.999)
     """Adam's (beta1, beta2)."""
     adam_eps: float = 1e-8
@@ -63,18 +68,14 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)  # JSON round trips turn it into a list
-        for name in ("total_steps", "log_every", "keep_checkpoints"):
-            _check_int(self, name, minimum=1)
-        for name in ("warmup_steps", "checkpoint_every", "seed"):
-            _check_int(self, name, minimum=0)
-        if self.dead_after_tokens is not None:
-            _check_int(self, "dead_after_tokens", minimum=0)
-        for name in ("adam_eps", "grad_clip"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if self.lr is not None and not (isinstance(self.lr, (int, float)) and 0 < self.lr < math.inf):
-            raise ValueError(f"lr must be a finite positive number or None, got {self.lr!r}")
+        check_int_fields(self, "total_steps", "log_every", "keep_checkpoints")
+        check_int_fields(self, "warmup_steps", "checkpoint_every", "seed", minimum=0)
+        check_int_fields(self, "dead_after_tokens", minimum=0, optional=True)
+        check_number_fields(self, "adam_eps", "grad_clip")
+        if self.lr is not None:
+            check_number("lr", self.lr, positive=True)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
         if not 0 <= self.decay_fraction <= 1:
@@ -110,8 +111,3 @@ class TrainConfig:
             return peak * max(self.total_steps - step, 0) / decay_steps
         return peak
 
-
-def _check_int(cfg: TrainConfig, name: str, minimum: int) -> None:
-    value = getattr(cfg, name)
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")

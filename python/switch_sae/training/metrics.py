@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io import atomic_write
+from ..utils.io import atomic_write
 
 
 @dataclass

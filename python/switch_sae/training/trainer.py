@@ -8,22 +8,22 @@ One step: (first step only) estimate the input scale, fix the dead-latent window
 ``b_dec``/``b_router`` at the geometric median of the batch; set the scheduled lr; forward;
 loss = the sum of ``model.training_terms`` (the architecture's own weighted terms: MSE,
 load balancing, AuxK, L1, L0, ...; the trainer knows none by name); backward; drop the
-decoder-gradient component parallel to each feature; clip; Adam; renormalise the decoder
-rows; update the dead-latent counters; log.
+decoder-gradient component parallel to each feature; clip; step the optimiser (``optim.py``,
+Adam by default); renormalise the decoder rows; update the dead-latent counters; log.
 
 Units: the model trains on ``input_scale * x`` (``E||x||^2 = d_in`` by default). When
 ``fit`` returns, the scale is folded into the model's parameters, so the model in memory,
 like every saved copy, takes raw activations; a later ``step`` unfolds it again.
 
 Mixed precision: with ``autocast="bfloat16"`` the forward pass and the losses run under
-``torch.autocast``, master weights and Adam stay in the parameter dtype and no GradScaler
+``torch.autocast``, master weights and the optimiser state stay in the parameter dtype and no GradScaler
 is needed (bfloat16 has float32's range). Autocast lowers the dense matrix products (the
 router, the L1-family encoders/decoders, the reference ops when the extension is absent);
 the compiled ``switch_sae`` ops are not registered for autocast, so they run in the
 parameter dtype: create the model with ``dtype="bfloat16"`` to run them in bfloat16.
 Losses are always reduced in float32.
 
-Resuming: the trainer restores model, Adam, lr position, counters, dead-latent counters
+Resuming: the trainer restores model, optimiser, lr position, counters, dead-latent counters
 and torch's RNG, and ``fit`` skips the batches already consumed, so on CPU the losses after
 a resume equal those of an uninterrupted run exactly (given the same batch iterable).
 
@@ -48,12 +48,14 @@ from tqdm.auto import tqdm
 
 from ..models import losses
 from ..models.base import SAE
-from ..typed_config import config_from_dict
+from ..utils.runs import config_clashes
+from ..utils.typed_config import config_from_dict
 from .checkpoint import CheckpointError, load_checkpoint, newest_valid, read_state, save_checkpoint
 from .config import TrainConfig
 from .dead import DeadLatentTracker, fired_latents, l0
 from .init import init_biases_from_batch_
 from .metrics import MetricsLogger, StepMetrics
+from .optim import make_optimizer
 from .normalization import estimate_scale, fold_input_scale_
 
 # TrainConfig fields that may change between a run and its resumption.
@@ -73,11 +75,7 @@ class Trainer:
         self.model, self.cfg = model, cfg
         self.device = model.W_dec_flat.device
         torch.manual_seed(cfg.seed)
-        # The fused kernel: one pass over each parameter instead of several elementwise ops;
-        # on CPU it measured ~5x faster for 2 x 2^25 parameters (benchmarks/README.md).
-        self.optimizer = torch.optim.Adam(
-            model.parameters(), lr=cfg.peak_lr(model.encoder_width), betas=cfg.adam_betas, eps=cfg.adam_eps, fused=True
-        )
+        self.optimizer = make_optimizer(model.parameters(), cfg, lr=cfg.peak_lr(model.encoder_width))
         # The window is fixed on the first step, when the batch size is known.
         self.dead = DeadLatentTracker(model.d_sae, cfg.dead_after_tokens or 0, self.device)
         self.step_count = 0  # optimiser steps done
@@ -278,12 +276,7 @@ class Trainer:
             return  # nothing to resume: a fresh run
         state = read_state(path)
         saved = config_from_dict(TrainConfig, state["train_config"], path / "trainer.json")
-        diff = {
-            f.name: (getattr(saved, f.name), getattr(self.cfg, f.name))
-            for f in dataclasses.fields(TrainConfig)
-            if f.name not in _RESUMABLE and getattr(saved, f.name) != getattr(self.cfg, f.name)
-        }
-        if diff:
+        if diff := config_clashes(saved, self.cfg, ignore=_RESUMABLE):
             raise CheckpointError(f"checkpoint {path} was trained with another TrainConfig; (saved, current): {diff}")
         tensors, _ = load_checkpoint(path, self.model, self.optimizer, verified=True)
         self.dead.tokens_since_fired.copy_(tensors["dead.tokens_since_fired"])

@@ -16,7 +16,7 @@ how many a learnt dictionary found.
 Everything is drawn from ``torch.Generator``s seeded from the config, so a config and a
 seed give the same data on every run and machine (CPU).
 
-What it leaves out: real model activations (``switch_sae.activations``).
+What it leaves out: real model activations (the rest of ``switch_sae.activations``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from ..utils.checks import check_int, check_int_fields
 
 
 @dataclass
@@ -55,10 +57,7 @@ class SyntheticConfig:
     """Seed of the feature directions (batches take their own seed)."""
 
     def __post_init__(self) -> None:
-        for name in ("d_in", "n_features", "n_clusters", "features_per_token"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int_fields(self, "d_in", "n_features", "n_clusters", "features_per_token")
         if self.n_clusters > self.n_features:
             raise ValueError(f"n_clusters={self.n_clusters} exceeds n_features={self.n_features}")
         smallest = self.n_features // self.n_clusters
@@ -109,8 +108,7 @@ class SyntheticActivations:
 
     def sample(self, batch: int, generator: torch.Generator | None = None) -> SyntheticBatch:
         """Draw ``batch`` tokens and their ground truth."""
-        if not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        check_int("batch", batch)
         cfg = self.cfg
         clusters = torch.randint(cfg.n_clusters, (batch,), generator=generator)  # [batch]
         feature_ids = torch.empty(batch, cfg.features_per_token, dtype=torch.int64)

@@ -1,5 +1,5 @@
 """Run one benchmark case and return its records; also the entry point of the fresh
-process the runner starts per case (``python -m switch_sae.bench.worker SPEC_JSON``).
+process the runner starts per case (``python -m benchmarks.worker SPEC_JSON``).
 
 A case spec is a flat dict: the run's shapes and timing options plus ``family`` (train,
 gemm, ops, harvest) and, for training steps, ``impl``, ``variant``, ``n_experts`` and
@@ -22,7 +22,7 @@ import torch
 from .machine import machine, versions
 from .measure import ValidationError, peak_memory, time_calls
 
-RESULT_MARK = "@@switch_sae.bench records@@"
+RESULT_MARK = "@@switch_sae benchmark records@@"
 
 
 def timing_options(spec: dict) -> dict:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .io import atomic_write
+from ..utils.io import atomic_write
 
 # (header, row key, format) of each column; a None value prints as "-".
 COLUMNS = (
@@ -87,7 +87,7 @@ COLOURS = ("C1", "C0", "C2")  # the same colour per SAE in both figures
 
 def write_plots(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     """``comparison.png`` and ``training_curves.png`` in ``out``."""
-    from .evals.plots import plt  # the Agg backend is selected there
+    from ..evals.plots import plt  # the Agg backend is selected there
 
     names = [r["name"] for r in rows]
     fig, axes = plt.subplots(1, len(PANELS), figsize=(4 * len(PANELS), 3.2))

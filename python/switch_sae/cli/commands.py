@@ -1,6 +1,6 @@
 """The ``switch-sae`` command (also ``python -m switch_sae``): train | eval | analyze | dashboard | bench | demo | reproduce | selftest.
 
-Options are derived from the config dataclasses (``cli_args``), so ``switch-sae <command>
+Options are derived from the config dataclasses (``cli.args``), so ``switch-sae <command>
 --help`` documents every field with its docstring and default:
 
 - ``demo``: the main job (``demo.DemoConfig``): TopK vs FLOP- and width-matched Switch SAEs.
@@ -12,7 +12,8 @@ Options are derived from the config dataclasses (``cli_args``), so ``switch-sae 
 - ``eval SAE_DIR...``: evaluate saved SAEs on held-out tokens, print and save the metrics.
 - ``analyze RUN_DIR...``: geometry, FLOPs and plots of saved runs (``evals.report``).
 - ``dashboard RUN_OR_SAE``: a static site with a page per feature (``dashboard``).
-- ``bench``: time the ops and training steps against the alternatives (``bench``).
+- ``bench``: time the ops and training steps against the alternatives (the ``benchmarks``
+  package of a source checkout).
 - ``selftest``: check the compiled ops on this device against ``reference.py`` (``selftest``);
   exits 1 on a mismatch.
 
@@ -26,16 +27,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .cli_args import add_dataclass_arguments, dataclass_from_args
-from .demo import DemoConfig
-from .models.base import _REGISTRY
-from .pipeline import DataConfig
-from .training import TrainConfig
+from ..activations.pipeline import DataConfig
+from ..experiments.demo import DemoConfig
+from ..models import architectures
+from ..training import TrainConfig
+from ..utils.runs import require_empty
+from .args import add_dataclass_arguments, dataclass_from_args
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -52,7 +55,7 @@ class UsageError(Exception):
 @contextlib.contextmanager
 def usage_errors() -> Iterator[None]:
     """Turn the errors that validating configs and inputs raises into ``UsageError``."""
-    from .training import CheckpointError
+    from ..training import CheckpointError
 
     try:
         yield
@@ -92,13 +95,13 @@ def add_demo(commands: Any) -> None:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    from .demo import execute_demo, prepare_demo
+    from ..experiments.demo import execute_demo, prepare_demo
 
     return run_workflow(args, DemoConfig, prepare_demo, execute_demo, "switch-sae demo --resume --out {out}")
 
 
 def add_reproduce(commands: Any) -> None:
-    from .experiments.reproduce import ReproduceConfig
+    from ..experiments.reproduce import ReproduceConfig
 
     add_workflow(
         commands, "reproduce", ReproduceConfig, run_reproduce_command,
@@ -111,7 +114,7 @@ def add_reproduce(commands: Any) -> None:
 
 
 def run_reproduce_command(args: argparse.Namespace) -> int:
-    from .experiments.reproduce import ReproduceConfig, execute_reproduce, prepare_reproduce
+    from ..experiments.reproduce import ReproduceConfig, execute_reproduce, prepare_reproduce
 
     return run_workflow(args, ReproduceConfig, prepare_reproduce, execute_reproduce, "the same command with --out {out}")
 
@@ -124,9 +127,9 @@ def add_train(commands: Any) -> None:
         "train", help="train one SAE on activations harvested from a model, or stored ones",
         description="Train one SAE. Pick the architecture, then see `switch-sae train ARCH --help`.",
     )
-    architectures = parser.add_subparsers(dest="architecture", required=True, metavar="ARCH")
-    for name, cls in sorted(_REGISTRY.items()):
-        sub = architectures.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0],
+    arch_parsers = parser.add_subparsers(dest="architecture", required=True, metavar="ARCH")
+    for name, cls in sorted(architectures().items()):
+        sub = arch_parsers.add_parser(name, help=(cls.__doc__ or "").strip().splitlines()[0],
                                        description=f"Train a {name} SAE. {cls.__doc__ or ''}".strip())
         sub.add_argument("--out", default="", help="run folder (default: runs/train-<architecture>-<date>-<time>)")
         sub.add_argument("--eval", action=argparse.BooleanOptionalAction, default=True,
@@ -147,12 +150,12 @@ def run_train_command(args: argparse.Namespace) -> int:
     import dataclasses
     import time
 
-    from .activations import hook_d_in, open_activations
-    from .models import SAE
-    from .pipeline import activation_source, check_inputs, load_language_model, training_batches
-    from .training import Trainer
+    from ..activations import hook_d_in, open_activations
+    from ..models import SAE
+    from ..activations.pipeline import activation_source, check_inputs, load_language_model, training_batches
+    from ..training import Trainer
 
-    cls = _REGISTRY[args.architecture]
+    cls = architectures()[args.architecture]
     with usage_errors():
         data = dataclass_from_args(DataConfig, args)
         stored = open_activations(args.activations, column=args.activations_column or None) if args.activations else None
@@ -163,8 +166,8 @@ def run_train_command(args: argparse.Namespace) -> int:
         out = Path(args.out or f"runs/train-{args.architecture}-{time.strftime('%Y%m%d-%H%M%S')}")
         train_cfg = dataclass_from_args(TrainConfig, args, total_steps=data.steps(), run_dir=str(out),
                                         progress=data.progress, seed=data.seed)
-        if out.exists() and any(out.iterdir()) and not train_cfg.resume:
-            raise FileExistsError(f"run folder {out} already exists and is not empty; pass --resume or another --out")
+        if not train_cfg.resume:
+            require_empty(out, "pass --resume or another --out")
     args.resume_hint = f"the same command with --resume --out {out}"
     if stored is None:
         lm = load_language_model(data)
@@ -201,9 +204,9 @@ def add_eval(commands: Any) -> None:
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
-    from .evals.report import find_sae_dir
-    from .models import SAE
-    from .pipeline import check_inputs, load_language_model
+    from ..evals.report import find_sae_dir
+    from ..models import SAE
+    from ..activations.pipeline import check_inputs, load_language_model
 
     with usage_errors():
         data = dataclass_from_args(DataConfig, args)
@@ -219,8 +222,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
 
 def evaluate_and_save(sae: Any, lm: Any, data: DataConfig, folder: Path) -> None:
     """Evaluate ``sae`` on ``data``'s held-out tokens at its hook; print and save ``eval.json``."""
-    from .evals.evaluate import evaluate
-    from .pipeline import eval_tokens
+    from ..evals.evaluate import evaluate
+    from ..activations.pipeline import eval_tokens
 
     hook = data.hook_name or sae.cfg.hook_name or data.resolved_hook()
     result = evaluate(sae, lm, eval_tokens(data, lm), hook, batch_size=data.harvest_batch, progress=data.progress)
@@ -245,7 +248,7 @@ def add_analyze(commands: Any) -> None:
 
 
 def run_analyze_command(args: argparse.Namespace) -> int:
-    from .evals.report import analyze_runs, find_sae_dir
+    from ..evals.report import analyze_runs, find_sae_dir
 
     with usage_errors():
         for run_dir in args.run_dirs:
@@ -259,7 +262,7 @@ def run_analyze_command(args: argparse.Namespace) -> int:
 
 
 def add_dashboard(commands: Any) -> None:
-    from .dashboard import DashboardConfig
+    from ..dashboard import DashboardConfig
 
     parser = commands.add_parser(
         "dashboard", help="a static site showing every feature: top contexts, histograms, logit effects, experts",
@@ -278,10 +281,10 @@ def add_dashboard(commands: Any) -> None:
 def run_dashboard_command(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from .dashboard import DashboardConfig, build_dashboard
-    from .evals.report import find_sae_dir
-    from .models import SAE
-    from .pipeline import check_inputs, eval_tokens, load_language_model
+    from ..dashboard import DashboardConfig, build_dashboard
+    from ..evals.report import find_sae_dir
+    from ..models import SAE
+    from ..activations.pipeline import check_inputs, eval_tokens, load_language_model
 
     with usage_errors():
         if not Path(args.sae_dir).is_dir():
@@ -305,24 +308,30 @@ def run_dashboard_command(args: argparse.Namespace) -> int:
 
 
 def add_bench(commands: Any) -> None:
-    from .bench import add_arguments
-
+    # Its options, --help included, belong to the benchmarks package: they pass through.
     parser = commands.add_parser(
-        "bench", help="time the ops and training steps against the alternatives",
-        description="Benchmarks: validate every implementation against the reference, then time it; "
-        "writes latest.json, summary.md and plots.",
+        "bench", add_help=False,
+        help="time the ops and training steps against the alternatives (benchmarks/, in a source checkout)",
     )
-    add_arguments(parser)
     parser.set_defaults(handler=run_bench_command)
 
 
-def run_bench_command(args: argparse.Namespace) -> int:
-    from .bench import run_benchmarks
-    from .bench.runner import config_from_args
+def benchmarks_package() -> Any:
+    """The ``benchmarks`` package of a source checkout (beside ``python/``, or in the working
+    folder): benchmarks live with the sources, not in the installed package."""
+    for root in (Path(__file__).resolve().parents[3], Path.cwd()):
+        if (root / "benchmarks" / "runner.py").is_file():
+            if str(root) not in sys.path:
+                sys.path.insert(0, str(root))
+            return importlib.import_module("benchmarks")
+    raise UsageError("the benchmarks live in the source tree's benchmarks/ folder; run this in a switch_sae checkout")
 
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    bench = benchmarks_package()
     with usage_errors():
-        cfg = config_from_args(args)
-    run_benchmarks(cfg)
+        cfg = bench.parse_config(args.passed_through, prog="switch-sae bench")
+    bench.run_benchmarks(cfg)
     return 0
 
 
@@ -340,7 +349,7 @@ def add_selftest(commands: Any) -> None:
 
 
 def run_selftest_command(args: argparse.Namespace) -> int:
-    from .self_test import selftest
+    from ..self_test import selftest
 
     with usage_errors():
         report = selftest(args.device)
@@ -364,7 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run ``switch-sae`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if args.command != "bench" and unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.passed_through = unknown
     try:
         return args.handler(args)
     except UsageError as err:

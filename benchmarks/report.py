@@ -11,6 +11,8 @@ What it leaves out: plots (``plot.py``).
 
 from __future__ import annotations
 
+from switch_sae.utils.tables import fmt
+
 
 def find(records: list[dict], name: str, n_experts: int | None = None, variant: str | None = None) -> dict | None:
     """The first ``ok`` record with this name and variant (and expert count when given)."""
@@ -56,12 +58,6 @@ def ratios(records: list[dict]) -> list[dict]:
     return rows
 
 
-def _fmt(value, spec: str = ".3g") -> str:
-    if value is None:
-        return "-"
-    return format(value, spec) if isinstance(value, float) else str(value)
-
-
 def records_table(records: list[dict]) -> str:
     """Markdown table: one line per record."""
     lines = ["| name | variant | n_experts | d_sae | median ms [q25, q75] | peak MB | extra | status |",
@@ -74,8 +70,8 @@ def records_table(records: list[dict]) -> str:
                      else f"{r['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in r else "")
         else:
             timing, extra = "-", r.get("error", "")[:80]
-        lines.append(f"| {r['name']} | {r.get('variant') or ''} | {_fmt(r.get('n_experts'))} | {_fmt(r.get('d_sae'))} "
-                     f"| {timing} | {_fmt(r.get('peak_mb'), '.1f')} | {extra} | {r.get('status')} |")
+        lines.append(f"| {r['name']} | {r.get('variant') or ''} | {fmt(r.get('n_experts'), '.3g')} | {fmt(r.get('d_sae'), '.3g')} "
+                     f"| {timing} | {fmt(r.get('peak_mb'), '.1f')} | {extra} | {r.get('status')} |")
     return "\n".join(lines)
 
 
@@ -87,12 +83,12 @@ def ratio_table(records: list[dict]) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for row in ratios(records):
         lines.append(
-            f"| {row['n_experts']} | {_fmt(row['switch_sae_ms'], '.4g')} | {_fmt(row['dense_mask_ms'], '.4g')} "
-            f"| {_fmt(row['speedup_vs_dense_mask'], '.2f')} (>= {row['target_speedup']:g}) "
-            f"| {_fmt(row['speedup_vs_saelens_topk_width'], '.2f')} | {_fmt(row['speedup_vs_saelens_topk_flop'], '.2f')} "
-            f"| {_fmt(row['speedup_vs_dictlearning_topk_width'], '.2f')} "
-            f"| {_fmt(row['speedup_vs_dictlearning_topk_flop'], '.2f')} | {_fmt(row['step_over_gemm'], '.2f')} "
-            f"| {_fmt(row['switch_sae_peak_mb'], '.0f')} / {_fmt(row['dense_mask_peak_mb'], '.0f')} |")
+            f"| {row['n_experts']} | {fmt(row['switch_sae_ms'], '.4g')} | {fmt(row['dense_mask_ms'], '.4g')} "
+            f"| {fmt(row['speedup_vs_dense_mask'], '.2f')} (>= {row['target_speedup']:g}) "
+            f"| {fmt(row['speedup_vs_saelens_topk_width'], '.2f')} | {fmt(row['speedup_vs_saelens_topk_flop'], '.2f')} "
+            f"| {fmt(row['speedup_vs_dictlearning_topk_width'], '.2f')} "
+            f"| {fmt(row['speedup_vs_dictlearning_topk_flop'], '.2f')} | {fmt(row['step_over_gemm'], '.2f')} "
+            f"| {fmt(row['switch_sae_peak_mb'], '.0f')} / {fmt(row['dense_mask_peak_mb'], '.0f')} |")
     return "\n".join(lines)
 
 
@@ -102,7 +98,7 @@ def phase_table(records: list[dict]) -> str:
     for r in records:
         if r.get("status") == "ok" and "phases_ms" in r:
             p = r["phases_ms"]
-            lines.append(f"| {r['name']} | {r.get('variant') or ''} | {_fmt(r.get('n_experts'))} | {p['forward']:.4g} "
+            lines.append(f"| {r['name']} | {r.get('variant') or ''} | {fmt(r.get('n_experts'), '.3g')} | {p['forward']:.4g} "
                          f"| {p['backward']:.4g} | {p['optimizer']:.4g} |")
     return "\n".join(lines)
 
@@ -122,8 +118,8 @@ def memory_table(records: list[dict]) -> str:
             if r["n_experts"] == n and r["batch"] == b and r.get("variant") in (None, "memory_sweep"):
                 peak[r["name"]] = r
         ours, dense = peak.get("switch_sae"), peak.get("dense_mask_reference")
-        lines.append(f"| {b} | {_fmt(ours and ours.get('peak_mb'), '.0f')} | {_fmt(dense and dense.get('peak_mb'), '.0f')} "
-                     f"| {_fmt(ours and ours.get('param_mb'), '.0f')} |")
+        lines.append(f"| {b} | {fmt(ours and ours.get('peak_mb'), '.0f')} | {fmt(dense and dense.get('peak_mb'), '.0f')} "
+                     f"| {fmt(ours and ours.get('param_mb'), '.0f')} |")
     return "\n".join(lines)
 
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from .. import ops, reference
+from switch_sae import ops, reference
 from .cases_train import switch_model
 from .measure import ValidationError, check_close, peak_memory, time_calls
 

@@ -11,7 +11,7 @@ Supported field types: ``int``, ``float``, ``str``, ``bool`` (``--x`` / ``--no-x
 ``Literal[...]`` (choices), ``X | None`` (pass ``none`` for None), ``tuple[X, ...]`` and
 ``list[X]`` (space-separated values), and nested dataclasses.
 
-What it leaves out: the subcommands themselves (``cli.py``).
+What it leaves out: the subcommands themselves (``commands``).
 """
 
 from __future__ import annotations

@@ -35,15 +35,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
-from .activations import hook_d_in
-from .evals import flops, geometry
-from .evals.evaluate import evaluate_many
-from .io import atomic_write_json
-from .models import SAE, TopKSAEConfig
-from .pipeline import DataConfig, activation_source, check_inputs, eval_tokens, load_language_model, training_batches
-from .training import TrainConfig, Trainer
+from ..activations import hook_d_in
+from ..activations.pipeline import DataConfig, activation_source, check_inputs, eval_tokens, load_language_model, training_batches
+from ..evals import flops, geometry
+from ..evals.evaluate import evaluate_many
+from ..models import SAE, TopKSAEConfig
+from ..training import TrainConfig, Trainer
+from ..utils.checks import check_int_fields
+from ..utils.io import atomic_write_json
+from ..utils.runs import config_clashes, require_empty
 
 CONFIG_FILE = "demo_config.json"
 # Fields that may differ between a run and its resumption (they do not change the result).
@@ -102,10 +102,7 @@ class DemoConfig(DataConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("d_sae", "n_experts", "k"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int_fields(self, "d_sae", "n_experts", "k", optional=True)
         if self.preset not in PRESETS and self.preset != "auto":
             raise ValueError(f"preset must be auto, cpu or paper, got {self.preset!r}")
         if self.resume and not self.out:
@@ -153,14 +150,7 @@ def resumed_config(cfg: DemoConfig) -> DemoConfig:
     if not saved_path.is_file():
         raise FileNotFoundError(f"cannot resume: {saved_path} does not exist (is {cfg.out} a demo run folder?)")
     saved = DemoConfig(**json.loads(saved_path.read_text()))
-    defaults = DemoConfig()
-    clashes = {
-        f.name: (getattr(saved, f.name), getattr(cfg, f.name))
-        for f in dataclasses.fields(DemoConfig)
-        if f.name not in RESUMABLE and getattr(cfg, f.name) != getattr(defaults, f.name)
-        and getattr(cfg, f.name) != getattr(saved, f.name)
-    }
-    if clashes:
+    if clashes := config_clashes(saved, cfg, ignore=RESUMABLE, defaults=DemoConfig()):
         raise ValueError(f"cannot resume {cfg.out}: these options differ from the interrupted run (was, now): {clashes}")
     return dataclasses.replace(saved, **{name: getattr(cfg, name) for name in RESUMABLE})
 
@@ -168,8 +158,7 @@ def resumed_config(cfg: DemoConfig) -> DemoConfig:
 def prepare_run_dir(cfg: DemoConfig) -> None:
     """Create a new run folder holding the resolved config."""
     out = Path(cfg.out)
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"run folder {out} already exists and is not empty; pass --resume to continue it or choose another --out")
+    require_empty(out, "pass --resume to continue it or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(dataclasses.asdict(cfg), out / CONFIG_FILE)
 
@@ -291,8 +280,8 @@ def run_demo(cfg: DemoConfig) -> DemoResult:
 
 def execute_demo(cfg: DemoConfig) -> DemoResult:
     """The work of ``run_demo`` on a config returned by ``prepare_demo``."""
+    from ..evals.report import analyze_runs
     from .demo_report import format_table, write_report
-    from .evals.report import analyze_runs
 
     start = time.perf_counter()
     out = Path(cfg.out)

@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .. import reference
-from ..models.switch import SwitchSAE, SwitchSAEConfig
-from ..models.losses import load_balancing, mse
+from switch_sae import reference
+from switch_sae.models.switch import SwitchSAE, SwitchSAEConfig
+from switch_sae.models.losses import load_balancing, mse
 from .measure import check_close
 
 LR = 1e-4  # any small rate: the step's cost does not depend on it

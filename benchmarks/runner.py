@@ -19,8 +19,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..cli_args import add_dataclass_arguments, dataclass_from_args, explicit_fields
-from ..io import atomic_write, atomic_write_json
+import switch_sae
+from switch_sae.cli.args import add_dataclass_arguments, dataclass_from_args, explicit_fields
+from switch_sae.utils.io import atomic_write, atomic_write_json
 from . import report
 from .config import QUICK, BenchConfig
 from .plot import plot_all
@@ -63,11 +64,11 @@ def peer_path(cfg: BenchConfig) -> str:
 
 
 def run_in_subprocess(spec: dict, extra_path: str) -> list[dict]:
-    """Run ``spec`` in a fresh interpreter that imports this same switch_sae."""
-    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding switch_sae/
-    paths = [p for p in (extra_path, package_root, os.environ.get("PYTHONPATH", "")) if p]
+    """Run ``spec`` in a fresh interpreter that imports these same benchmarks and switch_sae."""
+    roots = (str(Path(__file__).resolve().parents[1]), str(Path(switch_sae.__file__).resolve().parents[1]))
+    paths = [p for p in (extra_path, *roots, os.environ.get("PYTHONPATH", "")) if p]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
-    proc = subprocess.run([sys.executable, "-m", "switch_sae.bench.worker", json.dumps(spec)],
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=CASE_TIMEOUT_S)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(RESULT_MARK):
@@ -126,14 +127,17 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     return dataclass_from_args(BenchConfig, args)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``switch-sae bench`` / ``benchmarks/run.py`` (one per BenchConfig field)."""
+def parse_config(argv: list[str] | None, prog: str | None = None) -> BenchConfig:
+    """``BenchConfig`` from command-line words: one option per field, ``--help`` lists them.
+    A malformed option exits as argparse does; a value the config refuses raises ValueError."""
+    parser = argparse.ArgumentParser(prog=prog, description="Benchmarks: validate every implementation against "
+                                     "the reference, then time it; writes latest.json, summary.md and plots.")
     add_dataclass_arguments(parser, BenchConfig)
+    return config_from_args(parser.parse_args(argv))
 
 
-def run_benchmarks(args: argparse.Namespace | BenchConfig | None = None) -> list[dict]:
-    """Entry point for the CLI: run the benchmarks, print the tables, return the records."""
-    cfg = args if isinstance(args, BenchConfig) else config_from_args(args or argparse.Namespace())
+def run_benchmarks(cfg: BenchConfig) -> list[dict]:
+    """Run the benchmarks, print the tables, return the records."""
     records = run(cfg)
     print(json.dumps(records, indent=1))
     print(summary(records))
@@ -141,12 +145,12 @@ def run_benchmarks(args: argparse.Namespace | BenchConfig | None = None) -> list
     return records
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description="Time switch_sae against the alternatives.")
-    add_arguments(parser)
-    args = parser.parse_args(argv)
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``benchmarks/run.py``: parse, run, print; exit code 2 (one line) for a refused option."""
     try:
-        cfg = config_from_args(args)
+        cfg = parse_config(argv, prog)
     except ValueError as err:
-        parser.error(str(err))
-    return run_benchmarks(cfg)
+        print(f"{prog or 'run.py'}: error: {err}", file=sys.stderr)
+        return 2
+    run_benchmarks(cfg)
+    return 0

@@ -61,7 +61,7 @@ def extension_built() -> str:
 
 def versions() -> dict:
     """Versions of python, torch, switch_sae (and whether its compiled ops are loaded), peers."""
-    from .. import __version__, ops
+    from switch_sae import __version__, ops
 
     found = {"python": platform.python_version(), "torch": torch.__version__,
              "switch_sae": __version__, "switch_sae_extension": ops.HAS_EXTENSION,

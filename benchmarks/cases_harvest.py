@@ -26,7 +26,7 @@ def random_model(d_model: int, quick: bool):
     """A random-weight GPT-NeoX (Pythia-70m's shape, or tiny when ``quick``) as a bridge."""
     import transformers
 
-    from ..activations.default_model import wrap_hf_model
+    from switch_sae.activations.default_model import wrap_hf_model
 
     shape = (dict(num_hidden_layers=4, num_attention_heads=4, intermediate_size=4 * d_model, vocab_size=1000)
              if quick else dict(num_hidden_layers=6, num_attention_heads=8, intermediate_size=4 * d_model, vocab_size=50304))
@@ -38,8 +38,8 @@ def random_model(d_model: int, quick: bool):
 
 def harvest_model(spec: dict):
     """(model, label, hook): the default model when installed and not quick, else a random one."""
-    from ..activations import DEFAULT_HOOK, default_model_available, load_default_model
-    from ..activations.default_model import DEFAULT_MODEL_LABEL
+    from switch_sae.activations import DEFAULT_HOOK, default_model_available, load_default_model
+    from switch_sae.activations.default_model import DEFAULT_MODEL_LABEL
 
     if not spec["quick"] and default_model_available():
         return load_default_model(), DEFAULT_MODEL_LABEL, DEFAULT_HOOK
@@ -47,7 +47,7 @@ def harvest_model(spec: dict):
 
 
 def harvest_records(spec: dict, timing: dict) -> list[dict]:
-    from ..activations import harvest
+    from switch_sae.activations import harvest
 
     context = 16 if spec["quick"] else 128
     model, label, hook = harvest_model(spec)

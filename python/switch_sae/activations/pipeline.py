@@ -23,9 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .activations import CacheSpec, ShufflingBuffer, batched, build_cache, iter_activations
-from .activations import default_model as embedded
-from .activations.text import bos_settings, iter_contexts, iter_documents
+from ..utils.checks import check_int_fields
+from . import default_model as embedded
+from .buffer import ShufflingBuffer
+from .cache import CacheSpec, build_cache
+from .harvest import iter_activations
+from .text import batched, bos_settings, iter_contexts, iter_documents
 
 PAPER_HOOK = "blocks.8.hook_resid_post"  # the paper's GPT-2 small layer (output of block 8)
 SIZE_FIELDS = ("context_size", "train_tokens", "epochs", "eval_contexts", "batch_size", "harvest_batch")
@@ -63,10 +66,7 @@ class DataConfig:
     """Show progress bars."""
 
     def __post_init__(self) -> None:
-        for name in SIZE_FIELDS:
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int_fields(self, *SIZE_FIELDS, optional=True)
         if self.context_size is not None and self.context_size < 2:
             raise ValueError(f"context_size must be at least 2 (a BOS and one token), got {self.context_size}")
 

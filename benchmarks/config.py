@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from switch_sae.utils.checks import check_int_fields
+
 CASES = ("train", "memory", "gemm", "ops", "harvest")
 
 
@@ -54,10 +56,7 @@ class BenchConfig:
     """torch threads for every case (0 keeps torch's default, one per core)."""
 
     def __post_init__(self) -> None:
-        for name in ("d_in", "d_sae", "batch", "k", "repeats", "validate_batch"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int_fields(self, "d_in", "d_sae", "batch", "k", "repeats", "validate_batch")
         if self.threads < 0:
             raise ValueError(f"threads must be zero (torch's default) or more, got {self.threads!r}")
         if self.warmup < 0:
