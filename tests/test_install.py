@@ -14,7 +14,7 @@ against the plain PyTorch reference ops.
 - ``python -m build`` makes an sdist and a wheel; the wheel installs in a fresh venv.
 
 These install torch and compile the extension, minutes apiece: marked ``install``, left
-out of ``make test`` and run by ``make test-install`` (CI runs both).
+out of ``make test`` and run by ``make test-install``.
 """
 
 from __future__ import annotations
