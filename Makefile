@@ -59,7 +59,7 @@ test: install $(if $(NVCC),$(CUDA_VENV)/bin/python)
 # `make test` (and not yet in CI).
 test-install: install $(if $(NVCC),$(CUDA_VENV)/bin/python)
 	$(if $(NVCC),SWITCH_SAE_CUDA_PYTHON=$(CURDIR)/$(CUDA_VENV)/bin/python) \
-	$(PY) -m pytest tests/test_install.py tests/test_cuda_build.py -m install
+	$(PY) -m pytest tests/test_install.py tests/test_cuda_build.py -m install --durations=0 -rP
 
 # The op tests and the fuzz tests against the C++ core built with AddressSanitizer and
 # UndefinedBehaviorSanitizer, in its own folder (the venv's build is untouched): the

@@ -23,6 +23,7 @@ Everything else is scikit-build-core's, unchanged.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -61,6 +62,7 @@ else:
 """
 
 
+@functools.cache  # each build hook runs in its own process: the answer cannot change within one
 def installed_torch() -> dict | None:
     """``{"site", "version"}`` of the torch the installing interpreter imports, or None."""
     done = subprocess.run(
