@@ -3,15 +3,19 @@ that the speed targets are judged on.
 
 Targets: (1) at n_experts 16 and 64 the step is >= 0.5 * n_experts times faster than the
 dense-and-mask reference, and faster than sae-lens's width-matched TopK by a similar
-factor; (2) the step takes <= 1.5x its routed encoder GEMM alone; (3) step memory does not
-grow with batch * d_sae (compare peak_mb with the dense-and-mask reference's).
+factor; (2) the step takes <= 1.5x its roofline, every sparse op moves its bytes at >= 50%
+of the measured copy bandwidth and encode_topk takes <= 1.3x its routed GEMM
+(``roofline.py`` defines the roofline); (3) step memory does not grow with batch * d_sae
+(compare peak_mb with the dense-and-mask reference's).
 
-What it leaves out: plots (``plot.py``).
+What it leaves out: plots (``plot.py``), the FLOP and byte formulas (``roofline.py``).
 """
 
 from __future__ import annotations
 
 from switch_sae.utils.tables import fmt
+
+from . import roofline
 
 
 def find(records: list[dict], name: str, n_experts: int | None = None, variant: str | None = None) -> dict | None:
@@ -47,6 +51,8 @@ def ratios(records: list[dict]) -> list[dict]:
             "target_speedup": 0.5 * n,
             "routed_gemm_ms": _ms(gemm),
             "step_over_gemm": _ratio(_ms(ours), _ms(gemm)),
+            "roofline_ms": ours and ours.get("roofline_ms"),
+            "step_over_roofline": ours and ours.get("roofline_ratio"),
             "switch_sae_peak_mb": ours and ours.get("peak_mb"),
             "dense_mask_peak_mb": dense and dense.get("peak_mb"),
         }
@@ -60,8 +66,8 @@ def ratios(records: list[dict]) -> list[dict]:
 
 def records_table(records: list[dict]) -> str:
     """Markdown table: one line per record."""
-    lines = ["| name | variant | n_experts | d_sae | median ms [q25, q75] | peak MB | extra | status |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| name | variant | n_experts | d_sae | median ms [q25, q75] | roofline ms (x) | peak MB | extra | status |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         if r.get("status") == "ok":
             timing = f"{r['median_ms']:.4g} [{r['q25_ms']:.4g}, {r['q75_ms']:.4g}]"
@@ -70,17 +76,18 @@ def records_table(records: list[dict]) -> str:
                      else f"{r['tokens_per_s']:.0f} tok/s" if "tokens_per_s" in r else "")
         else:
             timing, extra = "-", r.get("error", "")[:80]
+        roof = f"{r['roofline_ms']:.4g} ({r['roofline_ratio']:.2f}x)" if "roofline_ms" in r else ""
         lines.append(f"| {r['name']} | {r.get('variant') or ''} | {fmt(r.get('n_experts'), '.3g')} | {fmt(r.get('d_sae'), '.3g')} "
-                     f"| {timing} | {fmt(r.get('peak_mb'), '.1f')} | {extra} | {r.get('status')} |")
+                     f"| {timing} | {roof} | {fmt(r.get('peak_mb'), '.1f')} | {extra} | {r.get('status')} |")
     return "\n".join(lines)
 
 
 def ratio_table(records: list[dict]) -> str:
     """Markdown table of the ratios the targets are judged on."""
     lines = ["| n_experts | ours ms | dense-mask ms | speed-up (target) | vs sae-lens width | vs sae-lens FLOP "
-             "| vs dict-learning width | vs dict-learning FLOP | step / routed GEMM (target <= 1.5) "
+             "| vs dict-learning width | vs dict-learning FLOP | step / routed GEMM | step / roofline (target <= 1.5) "
              "| peak MB ours / dense-mask |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in ratios(records):
         lines.append(
             f"| {row['n_experts']} | {fmt(row['switch_sae_ms'], '.4g')} | {fmt(row['dense_mask_ms'], '.4g')} "
@@ -88,6 +95,7 @@ def ratio_table(records: list[dict]) -> str:
             f"| {fmt(row['speedup_vs_saelens_topk_width'], '.2f')} | {fmt(row['speedup_vs_saelens_topk_flop'], '.2f')} "
             f"| {fmt(row['speedup_vs_dictlearning_topk_width'], '.2f')} "
             f"| {fmt(row['speedup_vs_dictlearning_topk_flop'], '.2f')} | {fmt(row['step_over_gemm'], '.2f')} "
+            f"| {fmt(row['step_over_roofline'], '.2f')} "
             f"| {fmt(row['switch_sae_peak_mb'], '.0f')} / {fmt(row['dense_mask_peak_mb'], '.0f')} |")
     return "\n".join(lines)
 
@@ -131,3 +139,57 @@ def machine_line(records: list[dict]) -> str:
     return (f"{m['cpu']}, {m['logical_cores']} logical cores, {m['torch_threads']} torch threads, "
             f"{m['memory_gb']} GB, {m['cpu_capability']}; torch {v['torch']}, switch_sae {v['switch_sae']} "
             f"(compiled ops: {v['switch_sae_extension']})")
+
+
+def _bound(cost: roofline.Cost, gflops: float, gb_per_s: float) -> str:
+    return "memory" if cost.bytes / gb_per_s >= cost.flops / gflops else "compute"
+
+
+def roofline_table(records: list[dict]) -> str:
+    """Per expert count: our step, each of our ops and the routed GEMM against their rooflines."""
+    rates = roofline.machine_rates(records)
+    if rates is None:
+        return "(needs the run's gemm_peak and memory_bandwidth records: include the gemm cases)"
+    gflops, gb_per_s = rates
+    lines = [f"Rates of this run: {gflops:.1f} GFLOP/s (`gemm_peak`), {gb_per_s:.1f} GB/s (`memory_bandwidth`). "
+             "Fraction of bandwidth: bytes moved / measured time / copy bandwidth (target >= 0.5 for the sparse ops).", "",
+             "| n_experts | part | measured ms | roofline ms | measured / roofline | fraction of bandwidth | bound |",
+             "|---|---|---|---|---|---|---|"]
+    experts = sorted({r["n_experts"] for r in records if r.get("roofline_ms") and r["name"].startswith(("op_", "switch_sae"))})
+    for n in experts:
+        rows = [("step", find(records, "switch_sae", n))]
+        rows += [(name, find(records, f"op_{name}", n, "switch_sae")) for name in roofline.OPS]
+        rows.append(("routed GEMM", find(records, "routed_gemm_limit", n)))
+        for label, r in rows:
+            if r is None or "roofline_ms" not in r:
+                continue
+            bound = _bound(roofline.Cost(r["flops"], r["bytes"]), gflops, gb_per_s) if label != "step" else "sum of parts"
+            lines.append(f"| {n} | {label} | {r['median_ms']:.4g} | {r['roofline_ms']:.4g} | {r['roofline_ratio']:.2f} "
+                         f"| {r['bandwidth_fraction']:.2f} | {bound} |")
+        ratio = _ratio(_ms(find(records, "op_encode_topk", n, "switch_sae")), _ms(find(records, "routed_gemm_limit", n)))
+        lines.append(f"| {n} | encode_topk / routed GEMM (target <= 1.3) | {fmt(ratio, '.2f')} | | | | |")
+    return "\n".join(lines)
+
+
+def gpu_roofline_table(records: list[dict], gpu: dict = roofline.H100_SXM) -> str:
+    """The step's parts on paper on ``gpu`` at this run's shapes, with bfloat16 values."""
+    shaped = [r for r in records if r["name"] == "switch_sae" and r.get("status") == "ok" and r.get("variant") is None]
+    shaped = shaped or [r for r in records if r["name"].startswith("op_") and r.get("status") == "ok"]
+    if not shaped:
+        return ""
+    gflops, gb_per_s = gpu["gflops"], gpu["gb_per_s"]
+    lines = [f"{gpu['name']}: {gflops / 1e3:.0f} TFLOP/s, {gb_per_s / 1e3:.2f} TB/s; bfloat16 values, int64 indices.", "",
+             "| n_experts | part | GFLOP | MB moved | roofline us | bound |", "|---|---|---|---|---|---|"]
+    for n in sorted({r["n_experts"] for r in shaped}):
+        r = next(r for r in shaped if r["n_experts"] == n)
+        shape = roofline.Shape(batch=r["batch"], d_in=r["d_in"], d_sae=r["d_sae"], n_experts=n, k=r["k"], value_bytes=2)
+        parts = roofline.step_parts(shape)
+        for label, cost in [*parts.items(), ("step (sum of parts)", None)]:
+            if cost is None:
+                total = roofline.step_cost(shape)
+                us = roofline.step_time_ms(shape, gflops, gb_per_s)[0] * 1e3
+                lines.append(f"| {n} | {label} | {total.flops / 1e9:.3g} | {total.bytes / 1e6:.4g} | {us:.4g} | |")
+            else:
+                lines.append(f"| {n} | {label} | {cost.flops / 1e9:.3g} | {cost.bytes / 1e6:.4g} "
+                             f"| {cost.time_ms(gflops, gb_per_s) * 1e3:.4g} | {_bound(cost, gflops, gb_per_s)} |")
+    return "\n".join(lines)

@@ -22,7 +22,7 @@ from pathlib import Path
 import switch_sae
 from switch_sae.cli.args import add_dataclass_arguments, dataclass_from_args, explicit_fields
 from switch_sae.utils.io import atomic_write, atomic_write_json
-from . import report
+from . import report, roofline
 from .config import QUICK, BenchConfig
 from .plot import plot_all
 from .worker import RESULT_MARK, run_case
@@ -35,18 +35,19 @@ def plan(cfg: BenchConfig) -> list[dict]:
     """Case specs of a run, in the order they will run."""
     common = {**dataclasses.asdict(cfg), "sweep": cfg.n_experts, "gemm_peak_size": 128 if cfg.quick else 2048}
     specs = []
-    if "train" in cfg.cases:
+    if "train" in cfg.cases or "step" in cfg.cases:
+        impls = ("switch_sae", "dense_mask_reference") if "train" in cfg.cases else ("switch_sae",)
         for n in cfg.n_experts:
-            for impl in ("switch_sae", "dense_mask_reference"):
+            for impl in impls:
                 specs.append({**common, "family": "train", "name": impl, "impl": impl, "variant": None, "n_experts": n})
-        if cfg.peers:
-            for impl in PEERS:
-                specs.append({**common, "family": "train", "name": impl, "impl": impl,
-                              "variant": "width_matched", "n_experts": None})
-                for n in cfg.n_experts:
-                    if n > 1:  # at n_experts = 1 one expert's width is the full width
-                        specs.append({**common, "family": "train", "name": impl, "impl": impl,
-                                      "variant": "flop_matched", "n_experts": n, "d_sae": cfg.d_sae // n})
+    if "train" in cfg.cases and cfg.peers:
+        for impl in PEERS:
+            specs.append({**common, "family": "train", "name": impl, "impl": impl,
+                          "variant": "width_matched", "n_experts": None})
+            for n in cfg.n_experts:
+                if n > 1:  # at n_experts = 1 one expert's width is the full width
+                    specs.append({**common, "family": "train", "name": impl, "impl": impl,
+                                  "variant": "flop_matched", "n_experts": n, "d_sae": cfg.d_sae // n})
     if "memory" in cfg.cases:
         for batch in (cfg.batch // 4, cfg.batch // 2):  # the full batch is a "train" case already
             for impl in ("switch_sae", "dense_mask_reference"):
@@ -106,6 +107,8 @@ def summary(records: list[dict]) -> str:
         "# switch_sae benchmark results",
         f"Machine: {report.machine_line(records)}" + (f"; peers: {peers}" if peers else ""),
         "## Ratios against the targets", report.ratio_table(records),
+        "## Roofline: measured against the machine's limits", report.roofline_table(records),
+        "## Roofline on paper: a GPU at the same shapes", report.gpu_roofline_table(records),
         "## Training step by phase", report.phase_table(records),
         "## Peak memory of a step against batch", report.memory_table(records),
         "## All records", report.records_table(records),
@@ -113,6 +116,7 @@ def summary(records: list[dict]) -> str:
 
 
 def write_results(records: list[dict], folder: Path) -> None:
+    roofline.annotate(records)
     atomic_write_json(records, folder / "latest.json")
     text = summary(records)
     atomic_write(folder / "summary.md", lambda tmp: Path(tmp).write_text(text))
