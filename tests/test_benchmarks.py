@@ -49,6 +49,12 @@ def test_quick_run_writes_records_with_the_schema(quick_run):
     rows = ratios(records)
     assert [row["n_experts"] for row in rows] == sorted(QUICK["n_experts"])
     assert all(row["speedup_vs_dense_mask"] > 0 for row in rows)
+    for r in records:  # every timed record but the two that define the rates has a roofline
+        if r["name"] not in ("gemm_peak", "memory_bandwidth"):
+            assert r["roofline_ms"] > 0 and r["roofline_ratio"] == pytest.approx(r["median_ms"] / r["roofline_ms"])
+    assert all(row["step_over_roofline"] > 0 for row in rows)
+    summary = (out / "summary.md").read_text()
+    assert "## Roofline: measured against the machine's limits" in summary and "H100 SXM" in summary
 
 
 def test_validation_passes_for_the_real_forward_and_catches_a_wrong_one():
@@ -100,3 +106,13 @@ def test_config_rejects_bad_shapes():
         BenchConfig(d_sae=64, k=4, n_experts=(3,))
     with pytest.raises(ValueError, match="cases"):
         BenchConfig(cases=("train", "bogus"))
+
+
+def test_step_case_plans_our_step_alone():
+    from benchmarks.runner import plan
+
+    specs = plan(BenchConfig(n_experts=(16, 64), cases=("step", "gemm", "ops")))
+    assert [(s["name"], s["n_experts"]) for s in specs if s["family"] == "train"] == [("switch_sae", 16), ("switch_sae", 64)]
+    assert [s["family"] for s in specs if s["family"] != "train"] == ["gemm", "ops"]
+    both = plan(BenchConfig(n_experts=(16,), cases=("train", "step"), peers=False))
+    assert [s["name"] for s in both] == ["switch_sae", "dense_mask_reference"]  # "train" already holds our step
