@@ -94,6 +94,17 @@ class ForwardOutput(NamedTuple):
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def unit_rows_(W: Tensor) -> None:
+    """Rescale every row of ``W [rows, d_in]`` to unit norm, in place."""
+    W /= W.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(W.dtype).tiny)
+
+
+def remove_parallel_rows_(G: Tensor, W: Tensor) -> None:
+    """``G [rows, d_in] -= <G_r, W_r> W_r`` per row, in place: for unit rows ``W``, what is
+    left of ``G`` is orthogonal to each row."""
+    G -= (G * W).sum(dim=-1, keepdim=True) * W
+
+
 def parse_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
@@ -202,18 +213,15 @@ class SAE(HookedRootModule):
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Rescale every dictionary row to unit norm (after each optimiser step)."""
-        W = self.W_dec_flat
-        W /= W.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(W.dtype).tiny)
+        unit_rows_(self.W_dec_flat)
 
     @torch.no_grad()
     def remove_decoder_parallel_grad_(self) -> None:
         """Drop from each decoder-row gradient its component along the row (before a step),
         so the step moves along the unit sphere (paper, appendix A)."""
         grad = self.W_dec.grad
-        if grad is None:
-            return
-        W, G = self.W_dec_flat, grad.view(self.d_sae, self.d_in)
-        G -= (G * W).sum(dim=-1, keepdim=True) * W
+        if grad is not None:
+            remove_parallel_rows_(grad.view(self.d_sae, self.d_in), self.W_dec_flat)
 
     def check_input(self, x: Tensor) -> tuple[Tensor, torch.Size]:
         """Validate ``x [..., d_in]``; return it flattened to ``[batch, d_in]`` in the model

@@ -9,7 +9,8 @@ One step: (first step only) estimate the input scale, fix the dead-latent window
 loss = the sum of ``model.training_terms`` (the architecture's own weighted terms: MSE,
 load balancing, AuxK, L1, L0, ...; the trainer knows none by name); backward; drop the
 decoder-gradient component parallel to each feature; clip; step the optimiser (``optim.py``,
-Adam by default); renormalise the decoder rows; update the dead-latent counters; log.
+Adam by default); renormalise the decoder rows (``update.py`` does these four in few passes
+over memory); update the dead-latent counters; log.
 
 Units: the model trains on ``input_scale * x`` (``E||x||^2 = d_in`` by default). When
 ``fit`` returns, the scale is folded into the model's parameters, so the model in memory,
@@ -56,6 +57,7 @@ from .dead import DeadLatentTracker, fired_latents, l0
 from .init import init_biases_from_batch_
 from .metrics import MetricsLogger, StepMetrics
 from .optim import make_optimizer
+from .update import update_parameters_
 from .normalization import estimate_scale, fold_input_scale_
 
 # TrainConfig fields that may change between a run and its resumption.
@@ -117,11 +119,8 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        model.remove_decoder_parallel_grad_()
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        self.optimizer.step()
-        model.normalize_decoder_()
+        grad_norm = update_parameters_(model, self.optimizer, max_norm)  # project, clip, step, renormalise
         self.dead.update_(fired_latents(out, model.d_sae), x.shape[0])
         self.step_count += 1
         self.tokens += x.shape[0]
