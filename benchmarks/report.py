@@ -193,3 +193,17 @@ def gpu_roofline_table(records: list[dict], gpu: dict = roofline.H100_SXM) -> st
                 lines.append(f"| {n} | {label} | {cost.flops / 1e9:.3g} | {cost.bytes / 1e6:.4g} "
                              f"| {cost.time_ms(gflops, gb_per_s) * 1e3:.4g} | {_bound(cost, gflops, gb_per_s)} |")
     return "\n".join(lines)
+
+
+def optimiser_table(records: list[dict]) -> str:
+    """Each pass of the update after backward, and the whole update op by op and blocked."""
+    rows = [r for r in records if r["name"].startswith("optimiser_") and r.get("status") == "ok"]
+    if not rows:
+        return ""
+    lines = ["| pass | variant | measured ms | roofline ms | measured / roofline | fraction of bandwidth |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name'][len('optimiser_'):]} | {r['variant']} | {r['median_ms']:.4g} "
+                     f"| {fmt(r.get('roofline_ms'), '.4g')} | {fmt(r.get('roofline_ratio'), '.2f')} "
+                     f"| {fmt(r.get('bandwidth_fraction'), '.2f')} |")
+    return "\n".join(lines)

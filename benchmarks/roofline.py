@@ -57,6 +57,10 @@ Per op (``reference.py`` fixes what each computes):
   ``2 M d s``; ``flops = 3 M d``), ``grad_clip_norm`` (reads every gradient, ``P s``;
   ``flops = 2 P``) and ``grad_clip_scale`` (reads and writes every gradient, ``2 P s``;
   ``flops = P``; skipped when the norm is within the limit).
+* ``optimiser_update``, the trainer's whole update after backward at its minimum: the
+  global norm needs every projected gradient before any update, so one pass reads every
+  gradient and the decoder's weights (``P s + M d s``), then one pass does the projection
+  again in cache, Adam and the renormalisation (``7 P s``): ``bytes = (8 P + M d) s``.
 
 A training step of the benchmark (``switch_sae``: forward, loss, backward, Adam; no
 clipping or renormalisation) is the sum of ``router`` (the router's ``[B, d] x [d, E]``
@@ -210,14 +214,20 @@ def grad_clip_scale(s: Shape) -> Cost:
     return Cost(s.n_params, 2 * s.n_params * s.value_bytes)
 
 
+def optimiser_update(s: Shape) -> Cost:
+    work = adam(s) + grad_clip_norm(s) + decoder_parallel_grad_removal(s) + decoder_renormalise(s)
+    return Cost(work.flops, (8 * s.n_params + s.d_sae * s.d_in) * s.value_bytes)
+
+
 OPS = {"dispatch": dispatch, "encode_topk": encode_topk, "decode": decode,
        "decode_backward": decode_backward, "encode_backward": encode_backward}
 """The custom ops, by the name of their ``op_<name>`` records."""
 
 OPTIMISER_PASSES = {"adam": adam, "decoder_parallel_grad_removal": decoder_parallel_grad_removal,
                     "decoder_renormalise": decoder_renormalise, "grad_clip_norm": grad_clip_norm,
-                    "grad_clip_scale": grad_clip_scale}
-"""The trainer's passes over the parameters, each at its one-pass minimum."""
+                    "grad_clip_scale": grad_clip_scale, "update": optimiser_update}
+"""The trainer's passes over the parameters, each at its one-pass minimum, and the whole
+update, by the name of their ``optimiser_<name>`` records."""
 
 
 def step_parts(s: Shape) -> dict[str, Cost]:
@@ -257,6 +267,8 @@ def record_cost(record: dict) -> Cost | None:
         return routed_gemm(shape_of_record(record))
     if name.startswith("op_") and name[3:] in OPS:
         return OPS[name[3:]](shape_of_record(record))
+    if name.startswith("optimiser_") and name[10:] in OPTIMISER_PASSES:
+        return OPTIMISER_PASSES[name[10:]](shape_of_record(record))
     if name in STEPS:
         return step_cost(shape_of_record(record))
     return None

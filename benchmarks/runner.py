@@ -54,7 +54,7 @@ def plan(cfg: BenchConfig) -> list[dict]:
                 specs.append({**common, "family": "train", "name": impl, "impl": impl, "variant": "memory_sweep",
                               "n_experts": max(cfg.n_experts), "batch": batch, "warmup": 1, "repeats": 1,
                               "validate_batch": min(cfg.validate_batch, batch)})
-    for family in ("gemm", "ops", "harvest"):
+    for family in ("gemm", "ops", "optimiser", "harvest"):
         if family in cfg.cases:
             specs.append({**common, "family": family, "name": family, "variant": None, "n_experts": None})
     return specs
@@ -110,6 +110,7 @@ def summary(records: list[dict]) -> str:
         "## Roofline: measured against the machine's limits", report.roofline_table(records),
         "## Roofline on paper: a GPU at the same shapes", report.gpu_roofline_table(records),
         "## Training step by phase", report.phase_table(records),
+        "## Optimiser: every pass over the parameters after backward", report.optimiser_table(records),
         "## Peak memory of a step against batch", report.memory_table(records),
         "## All records", report.records_table(records),
     ]) + "\n"

@@ -2,7 +2,7 @@
 process the runner starts per case (``python -m benchmarks.worker SPEC_JSON``).
 
 A case spec is a flat dict: the run's shapes and timing options plus ``family`` (train,
-gemm, ops, harvest) and, for training steps, ``impl``, ``variant``, ``n_experts`` and
+gemm, ops, optimiser, harvest) and, for training steps, ``impl``, ``variant``, ``n_experts`` and
 ``d_sae``. Every record gets the shapes, a ``status`` (ok, skipped, validation_failed,
 failed), the load average around the case (to judge contention), library versions and
 the machine description.
@@ -56,6 +56,9 @@ def family_records(spec: dict) -> list[dict]:
     if spec["family"] == "ops":
         from .cases_ops import op_records
         return op_records(spec, timing)
+    if spec["family"] == "optimiser":
+        from .cases_optim import optimiser_records
+        return optimiser_records(spec, timing)
     if spec["family"] == "harvest":
         from .cases_harvest import harvest_records
         return harvest_records(spec, timing)

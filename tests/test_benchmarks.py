@@ -21,7 +21,7 @@ TIMED = ("median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms", "repeats", "peak_m
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    cfg = BenchConfig(**{**QUICK, "repeats": 2, "warmup": 0}, cases=("train", "memory", "gemm", "ops"),
+    cfg = BenchConfig(**{**QUICK, "repeats": 2, "warmup": 0}, cases=("train", "memory", "gemm", "ops", "optimiser"),
                       peers=False, subprocess=False, out=str(out), quick=True)
     return run(cfg, echo=lambda *_: None), out
 
@@ -32,6 +32,8 @@ def test_quick_run_writes_records_with_the_schema(quick_run):
     assert (out / "step_time.png").stat().st_size > 0 and (out / "breakdown.png").stat().st_size > 0
     names = {r["name"] for r in records}
     assert {"switch_sae", "dense_mask_reference", "routed_gemm_limit", "gemm_peak", "op_encode_topk"} <= names
+    assert {("optimiser_update", "op_by_op"), ("optimiser_update", "blocked"), ("optimiser_adam", "op_by_op")} <= {
+        (r["name"], r["variant"]) for r in records}
     for r in records:
         assert r["status"] == "ok", r
         for key in REQUIRED + TIMED:

@@ -100,6 +100,9 @@ def test_adam_moves_seven_streams_of_every_parameter():
     n_params = sum(p.numel() for p in model.parameters())
     assert n_params == TINY.n_params == 100  # W_enc, W_dec 40 each, W_router 10, b_router 5, b_dec 5
     assert roofline.adam(TINY).bytes == 7 * 4 * 100  # read p, grad, m, v; write p, m, v
+    # the whole update: read every gradient and the 8x5 decoder (norm pass), then Adam's pass
+    assert roofline.optimiser_update(TINY).bytes == 4 * (100 + 40 + 7 * 100)
+    assert roofline.decoder_parallel_grad_removal(TINY).bytes == 4 * 3 * 40  # read G, W; write G
     dense = roofline.Shape(batch=3, d_in=5, d_sae=8, n_experts=1, k=2, router=False)
     assert dense.n_params == 2 * 8 * 5 + 8 + 5  # a TopK SAE: W_enc, W_dec, b_enc, b_dec
 

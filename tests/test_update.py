@@ -11,15 +11,6 @@ from switch_sae.training import TrainConfig, Trainer, trainer as trainer_module,
 from switch_sae.training.optim import make_optimizer
 
 
-def unfused_update(model, optimizer, max_norm):
-    """The sequence the trainer ran before: one torch op after another on whole tensors."""
-    model.remove_decoder_parallel_grad_()
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    optimizer.step()
-    model.normalize_decoder_()
-    return norm
-
-
 MODELS = {
     "switch": lambda: SwitchSAE(SwitchSAEConfig(d_in=16, n_experts=4, d_expert=25, k=4)),
     "topk": lambda: TopKSAE(TopKSAEConfig(d_in=16, d_sae=100, k=4)),
@@ -50,7 +41,7 @@ def test_blocked_update_equals_the_op_by_op_sequence(monkeypatch, name, optimize
     for step in range(4):
         x = torch.randn(64, 16, generator=g) * 3
         norms = []
-        for model, opt, fn in ((fused, opt_fused, update.update_parameters_), (plain, opt_plain, unfused_update)):
+        for model, opt, fn in ((fused, opt_fused, update.update_parameters_), (plain, opt_plain, update.update_op_by_op_)):
             opt.zero_grad(set_to_none=True)
             model(x).x_hat.sub(x).square().sum().backward()
             norms.append(fn(model, opt, max_norm))
@@ -97,7 +88,7 @@ def test_trainer_steps_equal_with_the_op_by_op_update(monkeypatch):
         return model, metrics
 
     fused, fused_metrics = train(update.update_parameters_)
-    plain, plain_metrics = train(unfused_update)
+    plain, plain_metrics = train(update.update_op_by_op_)
     for a, b in zip(fused_metrics, plain_metrics):
         assert a.loss == pytest.approx(b.loss, rel=1e-5) and a.grad_norm == pytest.approx(b.grad_norm, rel=1e-5)
     for (name, a), b in zip(fused.named_parameters(), plain.parameters()):

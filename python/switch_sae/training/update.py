@@ -89,6 +89,17 @@ def adam_blocks_(W: Tensor, G: Tensor, state: dict, group: dict, blocks: list[sl
 
 
 @torch.no_grad()
+def update_op_by_op_(model: SAE, optimizer: torch.optim.Optimizer, max_norm: float) -> Tensor:
+    """The same update one torch op at a time on whole tensors: the specification
+    ``update_parameters_`` is tested against, and the baseline the benchmarks time it with."""
+    model.remove_decoder_parallel_grad_()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    model.normalize_decoder_()
+    return norm
+
+
+@torch.no_grad()
 def update_parameters_(model: SAE, optimizer: torch.optim.Optimizer, max_norm: float) -> Tensor:
     """Project, clip, step and renormalise (see the module docstring); returns the total
     gradient norm before clipping, as ``torch.nn.utils.clip_grad_norm_`` does."""
