@@ -50,6 +50,7 @@ def gemm_records(spec: dict, timing: dict) -> list[dict]:
     a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
     records.append({"name": "gemm_peak", "variant": f"{n}x{n}x{n}", "n_experts": None, **gemm_record(a, b, timing)})
     records.append(copy_record(spec["d_sae"] * spec["d_in"], timing))
+    records.append(inplace_record(spec["d_sae"] * spec["d_in"], timing))
     return records
 
 
@@ -60,11 +61,30 @@ def copy_record(numel: int, timing: dict) -> dict:
     dst.copy_(src)
     if not torch.equal(dst, src):
         raise ValidationError("memory_bandwidth: copy_ did not reproduce its source")
-    stats = time_calls(lambda: dst.copy_(src), **timing)
-    moved = 2 * numel * src.element_size()  # one read and one write per element
-    return {"name": "memory_bandwidth", "variant": f"copy_ of {numel * src.element_size() / 2**20:.3g} MiB", "n_experts": None,
-            **stats, **peak_memory(lambda: dst.copy_(src)), "bytes": moved, "gb_per_s": moved / stats["median_ms"] / 1e6,
-            "validation": {"against": "torch.equal with the source"}}
+    return bandwidth_record("memory_bandwidth", "copy_", lambda: dst.copy_(src), src, timing, "torch.equal with the source")
+
+
+def inplace_record(numel: int, timing: dict) -> dict:
+    """``memory_bandwidth_inplace``: GB/s of ``a += b`` over two parameter-sized tensors (read
+    a and b, write a). A copy's destination is read into cache before it is written
+    (write-allocate), a third transfer its GB/s does not count; an in-place update such as
+    Adam's pays none, so it can move its counted bytes faster than ``memory_bandwidth``."""
+    a, b = torch.zeros(numel), torch.ones(numel)
+    a.add_(b)
+    if not torch.equal(a, b):
+        raise ValidationError("memory_bandwidth_inplace: add_ gave a wrong sum")
+    return bandwidth_record("memory_bandwidth_inplace", "add_", lambda: a.add_(b), a, timing, "torch.equal with 0 + 1",
+                            streams=3)
+
+
+def bandwidth_record(name: str, op: str, fn: Callable[[], object], t: Tensor, timing: dict, against: str,
+                     streams: int = 2) -> dict:
+    """GB/s of ``fn``, which reads or writes ``streams`` tensors like ``t`` once each."""
+    stats = time_calls(fn, **timing)
+    moved = streams * t.numel() * t.element_size()
+    return {"name": name, "variant": f"{op} of {t.numel() * t.element_size() / 2**20:.3g} MiB", "n_experts": None,
+            **stats, **peak_memory(fn), "bytes": moved, "gb_per_s": moved / stats["median_ms"] / 1e6,
+            "validation": {"against": against}}
 
 
 def op_inputs(spec: dict, n_experts: int) -> dict[str, tuple]:

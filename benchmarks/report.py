@@ -145,6 +145,15 @@ def _bound(cost: roofline.Cost, gflops: float, gb_per_s: float) -> str:
     return "memory" if cost.bytes / gb_per_s >= cost.flops / gflops else "compute"
 
 
+def _inplace_note(records: list[dict], gb_per_s: float) -> str:
+    inplace = next((r for r in records if r["name"] == "memory_bandwidth_inplace" and r.get("status") == "ok"), None)
+    if inplace is None:
+        return ""
+    return (f" An in-place update (`a += b`) moves its bytes at {inplace['gb_per_s']:.1f} GB/s "
+            f"({inplace['gb_per_s'] / gb_per_s:.2f}x the copy): a copy's destination is also read (write-allocate), "
+            "so in-place passes such as Adam's can run under their copy-based roofline.")
+
+
 def roofline_table(records: list[dict]) -> str:
     """Per expert count: our step, each of our ops and the routed GEMM against their rooflines."""
     rates = roofline.machine_rates(records)
@@ -152,7 +161,8 @@ def roofline_table(records: list[dict]) -> str:
         return "(needs the run's gemm_peak and memory_bandwidth records: include the gemm cases)"
     gflops, gb_per_s = rates
     lines = [f"Rates of this run: {gflops:.1f} GFLOP/s (`gemm_peak`), {gb_per_s:.1f} GB/s (`memory_bandwidth`). "
-             "Fraction of bandwidth: bytes moved / measured time / copy bandwidth (target >= 0.5 for the sparse ops).", "",
+             "Fraction of bandwidth: bytes moved / measured time / copy bandwidth (target >= 0.5 for the sparse ops)."
+             + _inplace_note(records, gb_per_s), "",
              "| n_experts | part | measured ms | roofline ms | measured / roofline | fraction of bandwidth | bound |",
              "|---|---|---|---|---|---|---|"]
     experts = sorted({r["n_experts"] for r in records if r.get("roofline_ms") and r["name"].startswith(("op_", "switch_sae"))})

@@ -261,7 +261,7 @@ def shape_of_record(record: dict) -> Shape:
 
 def record_cost(record: dict) -> Cost | None:
     """The work an ``ok`` record timed; None when it is not modelled (``harvest``) or
-    defines the rates (``gemm_peak``, ``memory_bandwidth``)."""
+    measures a rate (``gemm_peak``, ``memory_bandwidth``, ``memory_bandwidth_inplace``)."""
     name = record["name"]
     if name == "routed_gemm_limit":
         return routed_gemm(shape_of_record(record))
