@@ -99,42 +99,54 @@ def update_op_by_op_(model: SAE, optimizer: torch.optim.Optimizer, max_norm: flo
     return norm
 
 
-@torch.no_grad()
-def update_parameters_(model: SAE, optimizer: torch.optim.Optimizer, max_norm: float) -> Tensor:
-    """Project, clip, step and renormalise (see the module docstring); returns the total
-    gradient norm before clipping, as ``torch.nn.utils.clip_grad_norm_`` does."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    decoder = model.W_dec
-    if decoder.grad is None:  # nothing to project: the plain sequence
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        optimizer.step()
-        model.normalize_decoder_()
-        return norm
-    W, G = model.W_dec_flat, decoder.grad.view(model.d_sae, model.d_in)
-    blocks = row_blocks(W)
+def project_decoder_grad_(model: SAE) -> Tensor:
+    """Phase 1: remove each decoder-row gradient's component along its row, block by block,
+    and return the norm of the projected gradient (taken while each block is in cache)."""
+    W, G = model.W_dec_flat, model.W_dec.grad.view(model.d_sae, model.d_in)
     block_norms = []
-    for rows in blocks:
+    for rows in row_blocks(W):
         remove_parallel_rows_(G[rows], W[rows])
         block_norms.append(torch.linalg.vector_norm(G[rows]))
-    others = [p.grad for p in params if p is not decoder]
-    norms = [torch.linalg.vector_norm(torch.stack(block_norms)), *(torch.linalg.vector_norm(g) for g in others)]
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    coef = max_norm / (total + 1e-6)
-    scale = None if bool(coef >= 1) else coef.clamp(max=1.0)  # NaN scales, as clip_grad_norm_ would
-    if scale is not None:
-        torch._foreach_mul_(others, scale)
+    return torch.linalg.vector_norm(torch.stack(block_norms))
+
+
+def step_and_renormalise_(model: SAE, optimizer: torch.optim.Optimizer, scale: Tensor | None) -> None:
+    """Phase 3: the optimiser's step on every parameter, the decoder's block by block with
+    its renormalisation when the optimiser is a plain fused Adam, else after the step."""
+    decoder = model.W_dec
+    W, G = model.W_dec_flat, decoder.grad.view(model.d_sae, model.d_in)
     group = fused_adam_group(optimizer, decoder)
     if group is None:
         if scale is not None:
             G.mul_(scale)
         optimizer.step()
-        for rows in blocks:
+        for rows in row_blocks(W):
             unit_rows_(W[rows])
-        return total
+        return
     grad, decoder.grad = decoder.grad, None  # Adam skips a parameter without a gradient
     try:
         optimizer.step()
     finally:
         decoder.grad = grad
-    adam_blocks_(W, G, adam_state(optimizer, decoder), group, blocks, scale)
+    adam_blocks_(W, G, adam_state(optimizer, decoder), group, row_blocks(W), scale)
+
+
+@torch.no_grad()
+def update_parameters_(model: SAE, optimizer: torch.optim.Optimizer, max_norm: float) -> Tensor:
+    """Project, clip, step and renormalise (see the module docstring); returns the total
+    gradient norm before clipping, as ``torch.nn.utils.clip_grad_norm_`` does."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    if model.W_dec.grad is None:  # nothing to project: the plain sequence
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        optimizer.step()
+        model.normalize_decoder_()
+        return norm
+    others = [p.grad for p in params if p is not model.W_dec]
+    norms = [project_decoder_grad_(model), *(torch.linalg.vector_norm(g) for g in others)]
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    coef = max_norm / (total + 1e-6)
+    scale = None if bool(coef >= 1) else coef.clamp(max=1.0)  # NaN scales, as clip_grad_norm_ would
+    if scale is not None:
+        torch._foreach_mul_(others, scale)
+    step_and_renormalise_(model, optimizer, scale)
     return total
