@@ -174,8 +174,9 @@ def roofline_table(records: list[dict]) -> str:
             if r is None or "roofline_ms" not in r:
                 continue
             bound = _bound(roofline.Cost(r["flops"], r["bytes"]), gflops, gb_per_s) if label != "step" else "sum of parts"
+            fraction = f"{r['bandwidth_fraction']:.2f}" if bound == "memory" else ""
             lines.append(f"| {n} | {label} | {r['median_ms']:.4g} | {r['roofline_ms']:.4g} | {r['roofline_ratio']:.2f} "
-                         f"| {r['bandwidth_fraction']:.2f} | {bound} |")
+                         f"| {fraction} | {bound} |")
         ratio = _ratio(_ms(find(records, "op_encode_topk", n, "switch_sae")), _ms(find(records, "routed_gemm_limit", n)))
         lines.append(f"| {n} | encode_topk / routed GEMM (target <= 1.3) | {fmt(ratio, '.2f')} | | | | |")
     return "\n".join(lines)
