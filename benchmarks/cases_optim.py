@@ -9,9 +9,9 @@ when the norm is within the limit), ``adam`` (torch's fused Adam over every para
 ``decoder_renormalise`` (``normalize_decoder_``). Then ``optimiser_update``: the whole
 update, ``variant="op_by_op"`` (``update_op_by_op_``) and ``"blocked"``
 (``update_parameters_``), without clipping (``max_norm`` infinite), on the Switch SAE of the
-largest expert count, every gradient random; and the blocked update's two passes alone
-(``variant="blocked"``): ``decoder_parallel_grad_removal`` (with each block's gradient
-norm) and ``adam`` (every parameter, with the decoder's renormalisation).
+largest expert count, every gradient random; and the blocked projection alone
+(``optimiser_decoder_parallel_grad_removal``, ``variant="blocked"``, with each block's
+gradient norm).
 
 What it leaves out: the forward and backward passes (``cases_train.py``).
 """
@@ -22,9 +22,7 @@ import torch
 
 from switch_sae.training import TrainConfig
 from switch_sae.training.optim import make_optimizer
-from switch_sae.training.update import (
-    project_decoder_grad_, step_and_renormalise_, update_op_by_op_, update_parameters_,
-)
+from switch_sae.training.update import project_decoder_grad_, update_op_by_op_, update_parameters_
 from .cases_train import switch_model
 from .measure import ValidationError, check_close, peak_memory, time_calls
 
@@ -72,15 +70,13 @@ def optimiser_records(spec: dict, timing: dict) -> list[dict]:
     for name, fn in passes.items():
         records.append({"name": f"optimiser_{name}", "variant": "op_by_op", **base, **time_calls(fn, **timing),
                         **peak_memory(fn), "validation": {"against": "none: a torch call timed as the trainer made it"}})
-    blocked = {  # the blocked update's two passes over the decoder, each with what it fuses
-        "decoder_parallel_grad_removal": lambda: project_decoder_grad_(model),  # + the norm of each block
-        "adam": lambda: step_and_renormalise_(model, optimizer, None),  # + the decoder's renormalisation
+    blocked = {
+        "decoder_parallel_grad_removal": lambda: project_decoder_grad_(model),  # with each block's norm
         "update": lambda: update_parameters_(model, optimizer, NO_CLIP),
     }
     for name, fn in blocked.items():
-        with torch.no_grad():
-            records.append({"name": f"optimiser_{name}", "variant": "blocked", **base, **time_calls(fn, **timing),
-                            **peak_memory(fn), "validation": validation})
+        records.append({"name": f"optimiser_{name}", "variant": "blocked", **base, **time_calls(fn, **timing),
+                        **peak_memory(fn), "validation": validation})
     def op_by_op() -> None:
         update_op_by_op_(model, optimizer, NO_CLIP)
 

@@ -36,7 +36,6 @@ def test_blocked_update_equals_the_op_by_op_sequence(monkeypatch, name, optimize
     monkeypatch.setattr(update, "DECODER_BLOCK_BYTES", 7 * 16 * 4)  # 7-row blocks: 15 of them, the last short
     (fused, plain), (opt_fused, opt_plain) = twins(MODELS[name], optimizer_name)
     assert len(update.row_blocks(fused.W_dec_flat)) == 15
-    assert (update.fused_adam_group(opt_fused, fused.W_dec) is not None) == (optimizer_name == "adam")
     g = torch.Generator().manual_seed(1)
     for step in range(4):
         x = torch.randn(64, 16, generator=g) * 3
@@ -68,13 +67,6 @@ def test_blocks_cover_every_row_once():
     covered = torch.cat([torch.arange(1000)[b] for b in blocks])
     assert torch.equal(covered, torch.arange(1000))
     assert all(b.stop - b.start == update.DECODER_BLOCK_BYTES // (64 * 4) for b in blocks[:-1])
-
-
-def test_adam_options_the_blocked_step_does_not_pass_fall_back_to_optimizer_step():
-    model = MODELS["topk"]()
-    for options in ({"amsgrad": True}, {"weight_decay": 0.1}, {"fused": False}):
-        opt = torch.optim.Adam(model.parameters(), lr=1e-3, **options)
-        assert update.fused_adam_group(opt, model.W_dec) is None
 
 
 def test_trainer_steps_equal_with_the_op_by_op_update(monkeypatch):

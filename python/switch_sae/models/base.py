@@ -94,11 +94,6 @@ class ForwardOutput(NamedTuple):
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def unit_rows_(W: Tensor) -> None:
-    """Rescale every row of ``W [rows, d_in]`` to unit norm, in place."""
-    W /= W.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(W.dtype).tiny)
-
-
 def remove_parallel_rows_(G: Tensor, W: Tensor) -> None:
     """``G [rows, d_in] -= <G_r, W_r> W_r`` per row, in place: for unit rows ``W``, what is
     left of ``G`` is orthogonal to each row."""
@@ -213,7 +208,8 @@ class SAE(HookedRootModule):
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Rescale every dictionary row to unit norm (after each optimiser step)."""
-        unit_rows_(self.W_dec_flat)
+        W = self.W_dec_flat
+        W /= W.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(W.dtype).tiny)
 
     @torch.no_grad()
     def remove_decoder_parallel_grad_(self) -> None:
