@@ -2,7 +2,8 @@
 
 A roofline time is ``max(flops / GEMM rate, bytes / copy bandwidth)``: the time the work
 would take if it ran at the machine's measured dense-GEMM rate (``gemm_peak``) or moved its
-bytes at the measured copy bandwidth (``memory_bandwidth``), whichever is slower. A step
+bytes at the measured copy bandwidth (``memory_bandwidth``), whichever is slower; each
+rate is that of its fastest timed call (``best_rate``). A step
 is a sequence of ops that cannot hide one another's time (the GEMM of the encoder cannot
 overlap Adam's traffic), so a step's roofline is the **sum** of its parts' rooflines.
 
@@ -274,11 +275,19 @@ def record_cost(record: dict) -> Cost | None:
     return None
 
 
+def best_rate(record: dict) -> float:
+    """GFLOP/s or GB/s of a rate record's fastest call: a machine's peak is what it reached,
+    and on a shared machine a disturbed call can only lower it (the median can halve)."""
+    work = record["flops"] if "gflops" in record else record["bytes"]
+    return work / record["min_ms"] / 1e6
+
+
 def machine_rates(records: list[dict]) -> tuple[float, float] | None:
-    """(GFLOP/s of ``gemm_peak``, GB/s of ``memory_bandwidth``) of a run, if it measured both."""
+    """(GFLOP/s of ``gemm_peak``, GB/s of ``memory_bandwidth``) of a run, each its fastest
+    call's (``best_rate``), if the run measured both."""
     gemm = next((r for r in records if r["name"] == "gemm_peak" and r.get("status") == "ok"), None)
     copy = next((r for r in records if r["name"] == "memory_bandwidth" and r.get("status") == "ok"), None)
-    return (gemm["gflops"], copy["gb_per_s"]) if gemm and copy else None
+    return (best_rate(gemm), best_rate(copy)) if gemm and copy else None
 
 
 def annotate(records: list[dict]) -> list[dict]:

@@ -125,8 +125,11 @@ def test_step_roofline_is_the_sum_of_its_parts():
 
 
 def rates_records(gflops=100.0, gb_per_s=40.0):
-    return [{"name": "gemm_peak", "status": "ok", "gflops": gflops, "median_ms": 1.0},
-            {"name": "memory_bandwidth", "status": "ok", "gb_per_s": gb_per_s, "median_ms": 1.0}]
+    """Rate records whose fastest calls reach these rates (their medians are twice as slow)."""
+    return [{"name": "gemm_peak", "status": "ok", "gflops": gflops / 2, "flops": gflops * 1e6, "min_ms": 1.0,
+             "median_ms": 2.0},
+            {"name": "memory_bandwidth", "status": "ok", "gb_per_s": gb_per_s / 2, "bytes": gb_per_s * 1e6, "min_ms": 1.0,
+             "median_ms": 2.0}]
 
 
 def op_record(name, n_experts, median_ms, **shape):
