@@ -13,7 +13,7 @@ decoder's gradient and weights cross the memory bus once; each block's gradient 
 taken while it is there, so the global norm needs no further pass over the decoder; the
 gradients are scaled only when clipping changes them; then the optimiser steps (torch's
 fused Adam: one pass) and the rows are renormalised (one pass). Measured at d_sae 65,536,
-d_in 512, 2 threads: 54 ms against 139 ms op by op (``benchmarks/``, ``optimiser`` case).
+d_in 512, 2 threads: 42 ms against 127 ms op by op (``benchmarks/``, ``optimiser`` case).
 
 Folding the renormalisation into Adam's pass over the decoder, block by block in cache
 (``torch._fused_adam_`` on row blocks, then unit rows), measured no faster (25.7 ms against
