@@ -164,8 +164,9 @@ def roofline_table(records: list[dict]) -> str:
     lines = [f"Rates of this run (fastest call): {gflops:.1f} GFLOP/s (`gemm_peak`), {gb_per_s:.1f} GB/s (`memory_bandwidth`). "
              "Fraction of bandwidth: bytes moved / measured time / copy bandwidth (target >= 0.5 for the sparse ops)."
              + _inplace_note(records, gb_per_s), "",
-             "| n_experts | part | measured ms | roofline ms | measured / roofline | fraction of bandwidth | bound |",
-             "|---|---|---|---|---|---|---|"]
+             "| n_experts | part | measured ms | roofline ms | measured / roofline | fraction of bandwidth | bound "
+             "| where the time goes (ms): costliest calls, or a step's phases |",
+             "|---|---|---|---|---|---|---|---|"]
     experts = sorted({r["n_experts"] for r in records if r.get("roofline_ms") and r["name"].startswith(("op_", "switch_sae"))})
     for n in experts:
         rows = [("step", find(records, "switch_sae", n))]
@@ -176,10 +177,12 @@ def roofline_table(records: list[dict]) -> str:
                 continue
             bound = _bound(roofline.Cost(r["flops"], r["bytes"]), gflops, gb_per_s) if label != "step" else "sum of parts"
             fraction = f"{r['bandwidth_fraction']:.2f}" if bound == "memory" else ""
+            split = r.get("profile_ms") or r.get("phases_ms") or {}  # a step's split is its phases
+            profile = "; ".join(f"{name} {ms:.3g}" for name, ms in sorted(split.items(), key=lambda kv: -kv[1])[:3])
             lines.append(f"| {n} | {label} | {r['median_ms']:.4g} | {r['roofline_ms']:.4g} | {r['roofline_ratio']:.2f} "
-                         f"| {fraction} | {bound} |")
+                         f"| {fraction} | {bound} | {profile} |")
         ratio = _ratio(_ms(find(records, "op_encode_topk", n, "switch_sae")), _ms(find(records, "routed_gemm_limit", n)))
-        lines.append(f"| {n} | encode_topk / routed GEMM (target <= 1.3) | {fmt(ratio, '.2f')} | | | | |")
+        lines.append(f"| {n} | encode_topk / routed GEMM (target <= 1.3) | {fmt(ratio, '.2f')} | | | | | |")
     return "\n".join(lines)
 
 
