@@ -14,8 +14,10 @@ What it leaves out: what travels over the group (``reduction.py``, ``expert.py``
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -51,3 +53,15 @@ def local_device(device: str) -> str:
     if device == "cuda":
         return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     return device
+
+
+@contextlib.contextmanager
+def rank_zero_first() -> Iterator[None]:
+    """Rank 0 runs the block before the others: it fills a shared cache (e.g. a model converted on
+    first use) that the others then read instead of writing it at the same time."""
+    parallel = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if parallel and dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if parallel and dist.get_rank() == 0:
+        dist.barrier()
