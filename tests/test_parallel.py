@@ -205,16 +205,21 @@ def test_parallel_training_equals_one_process(world, tmp_path):
             traffic = json.loads((tmp_path / f"{spec['name']}.rank0.traffic.json").read_text())
             assert traffic["forward_bytes"] > 0 and traffic["backward_bytes"] > 0
     if world == 2:
-        checkpoint = sorted((tmp_path / "expert-resume" / "checkpoints").iterdir())[-1]
-        assert sorted(p.name for p in checkpoint.iterdir()) == ["manifest.json", "rank_00000", "rank_00001"]
+        check_resuming_elsewhere(tmp_path)
 
 
-def test_resuming_a_sharded_checkpoint_with_another_world_size_says_so(tmp_path):
-    """Two processes wrote it (test above's layout, made here by a one-case spawn); one resumes."""
-    spawn(2, tmp_path, ["expert-resume"])
+def check_resuming_elsewhere(out: Path) -> None:
+    """A sharded checkpoint has a folder per rank and one manifest; another layout resuming
+    it (or a data-parallel one) is told what wrote it."""
+    run = out / "expert-resume"
+    checkpoint = sorted((run / "checkpoints").iterdir())[-1]
+    assert sorted(p.name for p in checkpoint.iterdir()) == ["manifest.json", "rank_00000", "rank_00001"]
     spec = next(s for s in CASES[2] if s["name"] == "expert-resume")
     with pytest.raises(CheckpointError, match="written by 2 expert-parallel processes"):
-        Trainer(new_model(spec), train_config(spec, "none", tmp_path / "expert-resume", resume=True))
+        Trainer(new_model(spec), train_config(spec, "none", run, resume=True))
+    spec = next(s for s in CASES[2] if s["name"] == "data-switch")
+    with pytest.raises(CheckpointError, match="parallel"):
+        Trainer(new_model(spec), train_config(spec, "none", out / spec["name"], resume=True))
 
 
 def test_a_failing_rank_stops_the_others_with_an_error(tmp_path):
@@ -225,5 +230,17 @@ def test_a_failing_rank_stops_the_others_with_an_error(tmp_path):
     elapsed = time.monotonic() - start
     assert all(p.exitcode not in (None, 0) for p in context.processes), [p.exitcode for p in context.processes]
     assert "fails on purpose" in (tmp_path / "error.rank1").read_text()
-    assert (tmp_path / "error.rank0").read_text()  # rank 0 raised on its own, not killed by a launcher
+    assert "Error" in (tmp_path / "error.rank0").read_text()  # rank 0 raised on its own: no launcher kills it
     assert elapsed < 45  # well within the 20 s collective timeout plus start-up
+
+
+def test_each_process_takes_its_share_of_every_batch_and_the_same_number_of_steps():
+    from switch_sae.activations.pipeline import DataConfig, process_share
+
+    data = DataConfig(batch_size=13, train_tokens=130, epochs=2)
+    shares = [process_share(data, rank, 3) for rank in range(3)]
+    assert [s.batch_size for s in shares] == [5, 4, 4]
+    assert {s.steps() for s in shares} == {data.steps()} == {20}
+    assert sum(s.train_tokens for s in shares) == 130
+    with pytest.raises(ValueError, match="smaller than the 16 processes"):
+        process_share(data, 0, 16)
