@@ -173,16 +173,16 @@ def run_train_command(args: argparse.Namespace) -> int:
         out = Path(args.out or f"runs/train-{args.architecture}-{time.strftime('%Y%m%d-%H%M%S')}")
         train_cfg = dataclass_from_args(TrainConfig, args, total_steps=data.steps(), run_dir=str(out),
                                         progress=data.progress, seed=data.seed)
-        if train_cfg.parallel != "none" and stored is not None:
-            raise ValueError("--parallel trains on activations each process harvests (its own share of the text); "
-                             "it does not split --activations yet")
         if not train_cfg.resume:
             require_empty(out, "pass --resume or another --out")
         rank, world = start_processes(train_cfg, data)
         if world > 1:  # this process's share of the data; only rank 0 shows progress
+            shares = [process_share(data, r, world).train_tokens for r in range(world)]
             data = dataclasses.replace(process_share(data, rank, world), progress=data.progress and rank == 0,
                                        device=local_device(data.resolved_device()))
             train_cfg = dataclasses.replace(train_cfg, progress=data.progress)
+            if stored is not None:  # consecutive blocks of the stored rows, one per process
+                stored = stored.rows(sum(shares[:rank]), sum(shares[: rank + 1]))
     args.resume_hint = f"the same command with --resume --out {out}"
     if stored is None:
         with rank_zero_first():  # the first load may convert the default model into a shared cache
