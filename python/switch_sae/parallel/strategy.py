@@ -10,6 +10,7 @@ so its step reads the same for all three:
     clip           the global gradient norm, clipped
     fired          latents that fired anywhere, for the dead-latent counters
     shares         metric shares summed into the batch's values; only rank 0 logs and prints
+    any_process    a stop request (Ctrl-C) seen anywhere, so every process stops after the same step
     checkpoints    one checkpoint (rank 0 writes it) or a shard per process (expert parallel)
 
 Data parallel: every parameter is replicated; ``batch_size`` stays the global batch and each
@@ -72,6 +73,10 @@ class SingleProcess:
     def shares(self, shares: dict[str, Tensor]) -> dict[str, float]:
         return {name: t.item() for name, t in shares.items()}
 
+    def any_process(self, flag: bool) -> bool:
+        """``flag`` of any process (a Ctrl-C seen by one stops all after the same step)."""
+        return flag
+
     def save_checkpoint(self, root: Path, step: int, model: SAE, optimizer, tensors: dict[str, Tensor],
                         state: dict[str, Any], keep: int) -> Path:
         return checkpoint.save_checkpoint(root, step, model, optimizer, tensors, state, keep)
@@ -118,6 +123,9 @@ class DataParallel(SingleProcess):
 
     def shares(self, shares: dict[str, Tensor]) -> dict[str, float]:
         return sum_shares(shares, self.group)
+
+    def any_process(self, flag: bool) -> bool:
+        return bool(all_reduce(torch.tensor(flag, dtype=torch.int32, device=self.device), self.group, dist.ReduceOp.MAX))
 
     def save_checkpoint(self, root, step, model, optimizer, tensors, state, keep) -> Path:
         # The replicas are identical: one copy suffices.

@@ -230,7 +230,7 @@ class Trainer:
                     last = self.step(batch)
                     bar.update(1)
                     bar.set_postfix(loss=f"{last.loss:.4g}", l0=f"{last.l0:.1f}", dead=last.n_dead)
-                    if self._stop_requested:
+                    if self.parallel.any_process(self._stop_requested):  # all stop at the same step
                         raise KeyboardInterrupt
                     if cfg.checkpoint_every and self.step_count % cfg.checkpoint_every == 0:
                         self.save_checkpoint()
