@@ -7,7 +7,8 @@ token; the L1 family (ReLU, Gated, JumpReLU) returns dense ``acts [batch, d_sae]
 
 On disk an SAE is a folder with ``cfg.json`` (the config dataclass plus ``architecture``
 and the SHA-256 of the weights) and ``model.safetensors`` (parameters and buffers, with
-the same config in its metadata), both written atomically. Loading checks the checksum,
+the same config in its metadata), both written atomically; an expert-parallel run writes
+one such folder per process plus ``shards.json`` (``sharded.py``), and ``load`` assembles it. Loading checks the checksum,
 the type of every config field, that ``cfg.json`` still says what the weights were saved
 with (an edited ``k`` or ``dtype`` would otherwise load as a different model), and every
 tensor's name, shape and dtype; each error names the file.
@@ -44,6 +45,7 @@ from ..utils.io import (
 from ..utils.checks import check_int
 from ..utils.typed_config import config_from_dict
 from . import losses
+from .sharded import is_sharded, read_shards
 
 try:  # TransformerLens hook points, so users can hook an SAE like any TL module.
     from transformer_lens.hook_points import HookPoint
@@ -212,7 +214,8 @@ class SAE(HookedRootModule):
         grad = self.W_dec.grad
         if grad is None:
             return
-        W, G = self.W_dec_flat, grad.view(self.d_sae, self.d_in)
+        W = self.W_dec_flat
+        G = grad.view(W.shape)
         G -= (G * W).sum(dim=-1, keepdim=True) * W
 
     def check_input(self, x: Tensor) -> tuple[Tensor, torch.Size]:
@@ -253,11 +256,16 @@ class SAE(HookedRootModule):
     def load(cls, directory: str | Path, device: str | torch.device | None = None) -> "SAE":
         """Rebuild an SAE saved by ``save``; never unpickles. Damage raises naming the file."""
         directory = Path(directory)
-        cfg_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        state = None
+        if is_sharded(directory):  # written by an expert-parallel run: assemble the whole SAE
+            config_folder, state = read_shards(directory)
+        else:
+            config_folder = directory
+        cfg_path, weights_path = config_folder / CONFIG_FILE, config_folder / WEIGHTS_FILE
         for path in (cfg_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} does not exist: not a saved switch_sae SAE folder")
-        target, cfg_dict = read_saved_config(directory)
+        target, cfg_dict = read_saved_config(config_folder)
         if cls is not SAE and not issubclass(target, cls):
             raise ValueError(f"{directory} holds a {target.architecture!r} SAE, not a {cls.architecture!r} one")
         if device is not None:
@@ -267,7 +275,11 @@ class SAE(HookedRootModule):
             model = target(cfg)
         except (RuntimeError, ValueError) as err:  # e.g. a device this machine lacks
             raise ValueError(f"{cfg_path}: cannot build the SAE it describes: {err}") from err
-        load_weights(model, weights_path)
+        if state is None:
+            load_weights(model, weights_path)
+        else:
+            check_tensors(state, model.state_dict(), directory)
+            model.load_state_dict(state, strict=True)
         return model
 
 
