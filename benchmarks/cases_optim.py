@@ -1,37 +1,51 @@
 """Optimiser cases: every pass the trainer makes over the parameters after ``backward``, and
-the whole update op by op against the blocked one the trainer runs (``training/update.py``).
+the whole update, with the decoder-gradient projection on blocks of rows (as the model
+does it) and on the whole matrix (as it did before).
 
-Records ``optimiser_<pass>`` (``variant="op_by_op"``), each one torch call as the trainer
-made it before blocking: ``decoder_parallel_grad_removal`` (the model's
-``remove_decoder_parallel_grad_``), ``grad_clip_norm`` (``get_total_norm`` of every
-gradient), ``grad_clip_scale`` (the multiply ``clip_grad_norm_`` makes every step, by 1
-when the norm is within the limit), ``adam`` (torch's fused Adam over every parameter) and
-``decoder_renormalise`` (``normalize_decoder_``). Then ``optimiser_update``: the whole
-update, ``variant="op_by_op"`` (``update_op_by_op_``) and ``"blocked"``
-(``update_parameters_``), without clipping (``max_norm`` infinite), on the Switch SAE of the
-largest expert count, every gradient random; and the blocked projection alone
-(``optimiser_decoder_parallel_grad_removal``, ``variant="blocked"``, with each block's
-gradient norm).
+Records ``optimiser_<pass>``, each one call as the trainer makes it on one process:
+``decoder_parallel_grad_removal`` (``remove_decoder_parallel_grad_``), ``grad_clip_norm``
+(``get_total_norm`` of every gradient), ``grad_clip_scale`` (the multiply
+``clip_grad_norm_`` makes every step, by 1 when the norm is within the limit), ``adam``
+(torch's fused Adam over every parameter) and ``decoder_renormalise``
+(``normalize_decoder_``); then ``optimiser_update``, the four in a row (projection,
+``clip_grad_norm_`` without clipping, Adam, renormalisation). The projection and the update
+come in two variants: ``blocked`` (``models.base.DECODER_BLOCK_BYTES``) and
+``whole_matrix`` (one block). On the Switch SAE of the largest expert count, every
+gradient random; the two projections are compared before timing.
 
 What it leaves out: the forward and backward passes (``cases_train.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
+from switch_sae.models import base
 from switch_sae.training import TrainConfig
 from switch_sae.training.optim import make_optimizer
-from switch_sae.training.update import project_decoder_grad_, update_op_by_op_, update_parameters_
 from .cases_train import switch_model
-from .measure import ValidationError, check_close, peak_memory, time_calls
+from .measure import check_close, peak_memory, time_calls
 
 NO_CLIP = float("inf")
 
 
+@contextlib.contextmanager
+def whole_matrix() -> Iterator[None]:
+    """Project the decoder gradient in one block, as before blocking."""
+    blocked = base.DECODER_BLOCK_BYTES
+    base.DECODER_BLOCK_BYTES = 1 << 62
+    try:
+        yield
+    finally:
+        base.DECODER_BLOCK_BYTES = blocked
+
+
 def optimiser_setup(spec: dict):
     n_experts = max(spec["sweep"])
-    torch.manual_seed(spec["seed"])  # the same weights at every call
+    torch.manual_seed(spec["seed"])
     model = switch_model(spec["d_in"], spec["d_sae"], n_experts, spec["k"])
     optimizer = make_optimizer(model.parameters(), TrainConfig(total_steps=1), lr=1e-4)
     g = torch.Generator().manual_seed(spec["seed"])
@@ -40,46 +54,43 @@ def optimiser_setup(spec: dict):
     return model, optimizer, n_experts
 
 
-def validate_blocked(spec: dict) -> dict:
-    """The blocked update against the op-by-op one, from the same state."""
-    (a, opt_a, _), (b, opt_b, _) = optimiser_setup(spec), optimiser_setup(spec)
-    update_parameters_(a, opt_a, NO_CLIP)
-    update_op_by_op_(b, opt_b, NO_CLIP)
-    errors = [check_close(f"parameter {name}", p, q) for (name, p), q in zip(a.named_parameters(), b.parameters())]
-    return {"against": "update_op_by_op_", "max_abs_err": max(errors)}
+def validate_blocks(model) -> dict:
+    grad = model.W_dec.grad.clone()
+    with whole_matrix():
+        model.remove_decoder_parallel_grad_()
+    want, model.W_dec.grad = model.W_dec.grad, grad
+    model.remove_decoder_parallel_grad_()
+    return {"against": "the projection on the whole matrix",
+            "max_abs_err": check_close("projected decoder gradient", model.W_dec.grad, want)}
 
 
 def optimiser_records(spec: dict, timing: dict) -> list[dict]:
     model, optimizer, n_experts = optimiser_setup(spec)
-    params = list(model.parameters())
-    grads = [p.grad for p in params]
+    grads = [p.grad for p in model.parameters()]
     one = torch.ones(())
-    update_parameters_(model, optimizer, NO_CLIP)  # creates Adam's state before timing
+
+    def update() -> None:
+        model.remove_decoder_parallel_grad_()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), NO_CLIP)
+        optimizer.step()
+        model.normalize_decoder_()
+
     passes = {
         "decoder_parallel_grad_removal": model.remove_decoder_parallel_grad_,
         "grad_clip_norm": lambda: torch.nn.utils.get_total_norm(grads),
         "grad_clip_scale": lambda: torch._foreach_mul_(grads, one),
         "adam": optimizer.step,
         "decoder_renormalise": model.normalize_decoder_,
+        "update": update,
     }
-    validation = validate_blocked(spec)
-    if not torch.isfinite(model.W_dec).all():
-        raise ValidationError("optimiser: the decoder is not finite after an update")
-    base = {"n_experts": n_experts, "d_expert": spec["d_sae"] // n_experts}
+    validation = validate_blocks(model)
+    base_fields = {"n_experts": n_experts, "d_expert": spec["d_sae"] // n_experts, "validation": validation}
     records = []
-    for name, fn in passes.items():
-        records.append({"name": f"optimiser_{name}", "variant": "op_by_op", **base, **time_calls(fn, **timing),
-                        **peak_memory(fn), "validation": {"against": "none: a torch call timed as the trainer made it"}})
-    blocked = {
-        "decoder_parallel_grad_removal": lambda: project_decoder_grad_(model),  # with each block's norm
-        "update": lambda: update_parameters_(model, optimizer, NO_CLIP),
-    }
-    for name, fn in blocked.items():
-        records.append({"name": f"optimiser_{name}", "variant": "blocked", **base, **time_calls(fn, **timing),
-                        **peak_memory(fn), "validation": validation})
-    def op_by_op() -> None:
-        update_op_by_op_(model, optimizer, NO_CLIP)
-
-    records.append({"name": "optimiser_update", "variant": "op_by_op", **base, **time_calls(op_by_op, **timing),
-                    **peak_memory(op_by_op), "validation": validation})
+    for variant, context in (("blocked", contextlib.nullcontext), ("whole_matrix", whole_matrix)):
+        for name, fn in passes.items():
+            if variant == "whole_matrix" and name not in ("decoder_parallel_grad_removal", "update"):
+                continue  # no projection in them: the same calls as blocked
+            with context():
+                records.append({"name": f"optimiser_{name}", "variant": variant, **base_fields,
+                                **time_calls(fn, **timing), **peak_memory(fn)})
     return records

@@ -29,7 +29,7 @@ class BenchConfig:
     n_experts: tuple[int, ...] = (1, 4, 16, 64)
     """Expert counts to sweep; each must divide d_sae and leave at least k features per expert."""
     cases: tuple[str, ...] = CASES
-    """Which case families to run: train (training steps of every implementation), step (our training step alone: with gemm and ops, what the roofline ratios need), memory (peak memory of our step and the dense-and-mask one at the largest n_experts for batch/4, batch/2, batch), gemm (the routed encoder GEMM limit and the machine's GEMM rate), ops (per-op timings vs the reference ops), optimiser (each pass of the update after backward, and the whole update op by op against the blocked one the trainer runs), harvest (activation harvest rate)."""
+    """Which case families to run: train (training steps of every implementation), step (our training step alone: with gemm and ops, what the roofline ratios need), memory (peak memory of our step and the dense-and-mask one at the largest n_experts for batch/4, batch/2, batch), gemm (the routed encoder GEMM limit and the machine's GEMM rate), ops (per-op timings vs the reference ops), optimiser (each pass over the parameters after backward, and the whole update, with the decoder-gradient projection blocked and on the whole matrix), harvest (activation harvest rate)."""
     peers: bool = True
     """Also time the dense TopK SAEs of sae-lens and dictionary-learning when they import."""
     peer_path: str = ""

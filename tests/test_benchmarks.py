@@ -32,7 +32,7 @@ def test_quick_run_writes_records_with_the_schema(quick_run):
     assert (out / "step_time.png").stat().st_size > 0 and (out / "breakdown.png").stat().st_size > 0
     names = {r["name"] for r in records}
     assert {"switch_sae", "dense_mask_reference", "routed_gemm_limit", "gemm_peak", "op_encode_topk"} <= names
-    assert {("optimiser_update", "op_by_op"), ("optimiser_update", "blocked"), ("optimiser_adam", "op_by_op")} <= {
+    assert {("optimiser_update", "whole_matrix"), ("optimiser_update", "blocked"), ("optimiser_adam", "blocked")} <= {
         (r["name"], r["variant"]) for r in records}
     for r in records:
         assert r["status"] == "ok", r

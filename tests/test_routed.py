@@ -8,7 +8,7 @@ import torch
 
 from switch_sae import BatchTopKSAE, BatchTopKSAEConfig, SwitchSAE, SwitchSAEConfig, TopKSAE, TopKSAEConfig
 from switch_sae.models.base import SparseCode
-from switch_sae.models.routed import Grouped, combine, dispatch, encode
+from switch_sae.models.routed import Grouped, LocalExchange, combine, dispatch, encode
 
 
 @pytest.fixture(autouse=True)
@@ -16,10 +16,10 @@ def _one_thread(one_thread):
     pass
 
 
-class ShuffledExchange:
+class ShuffledExchange(LocalExchange):
     """A one-process stand-in for an all-to-all: the experts receive their pairs' tokens as one
     ``[rows, d_in]`` block in expert order, shuffled within each expert, as a receiving rank
-    holds them; the codes go back to pair order. It moves every row, so if a stage relied on
+    holds them; the codes go back to pair order (decoding stays local). It moves every row, so if a stage relied on
     the local layout, outputs or gradients would change."""
 
     def __init__(self, seed: int) -> None:

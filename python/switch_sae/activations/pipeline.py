@@ -14,6 +14,8 @@ What it leaves out: training and evaluation themselves (``training``, ``evals``)
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -131,36 +133,49 @@ def eval_tokens(cfg: DataConfig, lm: Any) -> Tensor:
     return torch.stack(rows)
 
 
-def train_token_batches(cfg: DataConfig, lm: Any) -> Iterator[Tensor]:
-    """``[harvest_batch, context_size]`` training tokens, enough for ``train_tokens`` activations."""
+def train_token_batches(cfg: DataConfig, lm: Any, shard: tuple[int, int] = (0, 1)) -> Iterator[Tensor]:
+    """``[harvest_batch, context_size]`` training tokens, enough for ``train_tokens`` activations;
+    ``shard = (rank, world)`` takes every world-th context from the rank-th: disjoint shares."""
     n_contexts = -(-cfg.train_tokens // (cfg.context_size - 1))  # the BOS position is dropped
-    chosen = (c for _, c in zip(range(n_contexts), contexts(cfg, lm, "train")))
+    rank, world = shard
+    chosen = (c for _, c in zip(range(n_contexts), itertools.islice(contexts(cfg, lm, "train"), rank, None, world)))
     return batched(chosen, cfg.harvest_batch)
+
+
+def process_share(cfg: DataConfig, rank: int, world: int) -> DataConfig:
+    """The data of process ``rank`` of ``world`` training together: its rows of every global
+    batch (the first ``batch_size % world`` processes take one more) and the training tokens
+    those add up to, so that every process makes the same number of steps."""
+    if cfg.batch_size < world:
+        raise ValueError(f"batch_size={cfg.batch_size} is smaller than the {world} processes; every process needs rows")
+    batch = cfg.batch_size // world + (rank < cfg.batch_size % world)
+    return dataclasses.replace(cfg, batch_size=batch, train_tokens=(cfg.train_tokens // cfg.batch_size) * batch)
 
 
 class HarvestStream:
     """Re-iterable training activations harvested afresh on each pass (no disk cache)."""
 
-    def __init__(self, cfg: DataConfig, lm: Any) -> None:
-        self.cfg, self.lm = cfg, lm
+    def __init__(self, cfg: DataConfig, lm: Any, shard: tuple[int, int] = (0, 1)) -> None:
+        self.cfg, self.lm, self.shard = cfg, lm, shard
 
     def __iter__(self) -> Iterator[Tensor]:
         cfg, hook = self.cfg, self.cfg.resolved_hook()
-        chunks = iter_activations(self.lm, train_token_batches(cfg, self.lm), hook, drop_first=True,
+        chunks = iter_activations(self.lm, train_token_batches(cfg, self.lm, self.shard), hook, drop_first=True,
                                   total_tokens=cfg.train_tokens, progress=cfg.progress)
         for _, acts in chunks:
             yield acts[hook]  # [harvest_batch * (context_size - 1), d_in]
 
 
-def activation_source(cfg: DataConfig, lm: Any, d_in: int, cache_dir: Path) -> Any:
+def activation_source(cfg: DataConfig, lm: Any, d_in: int, cache_dir: Path, shard: tuple[int, int] = (0, 1)) -> Any:
     """Re-iterable ``[n, d_in]`` chunks of training activations: a disk cache in
-    ``cache_dir`` (resumed if a harvest was interrupted) or a ``HarvestStream``."""
+    ``cache_dir`` (resumed if a harvest was interrupted) or a ``HarvestStream``; ``shard``
+    as in ``train_token_batches`` (pair it with ``process_share``)."""
     if not cfg.cache_activations:
-        return HarvestStream(cfg, lm)
+        return HarvestStream(cfg, lm, shard)
     spec = CacheSpec(model_name=cfg.model, hook_name=cfg.resolved_hook(), d_in=d_in, dtype="float16",
                      context_size=cfg.context_size, prepend_bos=bos_settings(lm)[0], drop_first=True,
                      source=cfg.dataset)
-    return build_cache(lm, train_token_batches(cfg, lm), cache_dir, spec, n_tokens=cfg.train_tokens, progress=cfg.progress)
+    return build_cache(lm, train_token_batches(cfg, lm, shard), cache_dir, spec, n_tokens=cfg.train_tokens, progress=cfg.progress)
 
 
 def training_batches(cfg: DataConfig, source: Any) -> Iterator[Tensor]:

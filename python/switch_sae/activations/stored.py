@@ -21,6 +21,7 @@ What it leaves out: writing activations (``cache``) and shuffling (``buffer``).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,22 @@ class StoredActivations:
 
     def __iter__(self) -> Iterator[Tensor]:
         return self.chunks()
+
+    def rows(self, start: int, stop: int) -> "StoredActivations":
+        """Rows ``[start, stop)`` only (e.g. one process's share), read chunk by chunk as before."""
+        if not 0 <= start <= stop <= self.n_rows:
+            raise ValueError(f"rows [{start}, {stop}) are not within the {self.n_rows} stored rows of {self.path}")
+
+        def chunks() -> Iterator[Tensor]:
+            seen = 0
+            for chunk in self.chunks():
+                first, seen = seen, seen + chunk.shape[0]
+                if max(start, first) < min(stop, seen):  # the chunk overlaps the rows asked for
+                    yield chunk[max(start - first, 0) : stop - first]
+                if seen >= stop:
+                    return
+
+        return dataclasses.replace(self, n_rows=stop - start, chunks=chunks)
 
 
 def check_shape(shape: tuple[int, ...], dtype: str, where: Path | str, d_in: int | None) -> tuple[int, int]:

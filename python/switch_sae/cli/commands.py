@@ -152,7 +152,14 @@ def run_train_command(args: argparse.Namespace) -> int:
 
     from ..activations import hook_d_in, open_activations
     from ..models import SAE
-    from ..activations.pipeline import activation_source, check_inputs, load_language_model, training_batches
+    from ..activations.pipeline import (
+        activation_source,
+        check_inputs,
+        load_language_model,
+        process_share,
+        training_batches,
+    )
+    from ..parallel.group import local_device, rank_zero_first
     from ..training import Trainer
 
     cls = architectures()[args.architecture]
@@ -168,9 +175,18 @@ def run_train_command(args: argparse.Namespace) -> int:
                                         progress=data.progress, seed=data.seed)
         if not train_cfg.resume:
             require_empty(out, "pass --resume or another --out")
+        rank, world = start_processes(train_cfg, data)
+        if world > 1:  # this process's share of the data; only rank 0 shows progress
+            shares = [process_share(data, r, world).train_tokens for r in range(world)]
+            data = dataclasses.replace(process_share(data, rank, world), progress=data.progress and rank == 0,
+                                       device=local_device(data.resolved_device()))
+            train_cfg = dataclasses.replace(train_cfg, progress=data.progress)
+            if stored is not None:  # consecutive blocks of the stored rows, one per process
+                stored = stored.rows(sum(shares[:rank]), sum(shares[: rank + 1]))
     args.resume_hint = f"the same command with --resume --out {out}"
     if stored is None:
-        lm = load_language_model(data)
+        with rank_zero_first():  # the first load may convert the default model into a shared cache
+            lm = load_language_model(data)
         hook, model_name = data.resolved_hook(), data.model
     else:  # no language model: the activations are already there
         lm, hook, model_name = None, data.hook_name or stored.hook_name, stored.model_name or data.model
@@ -179,14 +195,31 @@ def run_train_command(args: argparse.Namespace) -> int:
         sae = cls(dataclass_from_args(cls.config_class, args, d_in=d_in, device=data.resolved_device(),
                                       hook_name=hook, model_name=model_name))
         trainer = Trainer(sae, train_cfg)
-    source = activation_source(data, lm, d_in, out / "activations") if stored is None else stored
+    cache = out / "activations" / (f"rank_{rank:05d}-of-{world:05d}" if world > 1 else "")
+    source = activation_source(data, lm, d_in, cache, shard=(rank, world)) if stored is None else stored
     trainer.fit(training_batches(data, source))
+    if rank > 0:  # rank 0 reports and evaluates
+        return 0
     print(f"saved {out / 'sae'}")
     if args.eval and lm is None:
         print(f"not evaluated: trained from stored activations without a language model; run `switch-sae eval {out} --model ...`")
     elif args.eval:
         evaluate_and_save(SAE.load(out / "sae", device=data.resolved_device()), lm, data, out)
     return 0
+
+
+def start_processes(train_cfg: TrainConfig, data: DataConfig) -> tuple[int, int]:
+    """``(rank, world)``: join the process group torchrun set up when training in parallel."""
+    if train_cfg.parallel == "none":
+        return 0, 1
+    import torch
+    import torch.distributed as dist
+
+    from ..parallel.group import join, local_device
+
+    group = join(torch.device(local_device(data.resolved_device())), train_cfg.parallel_timeout_s)
+    dist.barrier(group)  # every process checked the run folder before any writes to it
+    return dist.get_rank(group), dist.get_world_size(group)
 
 
 # ------------------------------------------------------------------ eval

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..models.base import CONFIG_FILE, SAE, WEIGHTS_FILE
+from ..models.sharded import is_sharded
 from ..utils.io import atomic_write, atomic_write_json
 from ..utils.tables import fmt
 from . import geometry, plots
@@ -46,8 +47,8 @@ ALIASES = {
 
 def find_sae_dir(run_dir: Path) -> Path:
     """The folder holding the saved SAE: ``run_dir`` itself or its last such subfolder."""
-    def is_sae(p: Path) -> bool:
-        return (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
+    def is_sae(p: Path) -> bool:  # a plain folder, or the shards an expert-parallel run saved
+        return is_sharded(p) or ((p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file() and not is_sharded(p.parent))
 
     if is_sae(run_dir):
         return run_dir

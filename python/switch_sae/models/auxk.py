@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .. import ops
 from ..utils.checks import check_int, check_number
 from . import losses
 from .base import SAE, ForwardOutput, SparseCode
@@ -83,7 +82,7 @@ def auxk_term(model: SAE, x: Tensor, out: ForwardOutput, dead: Tensor | None) ->
         return None
     k_aux = cfg.resolved_k_aux(model.d_in, model.encoder_weight().shape[1])
     code = dead_latent_code(model, x, out, dead, k_aux)
-    dead_recon = ops.decode(code.values, code.indices, model.W_dec_flat)  # no b_dec: see losses.auxk
+    dead_recon = model.exchange.decode(code, model.W_dec_flat)  # no b_dec: see losses.auxk
     residual = (x - out.x_hat).detach()
     nmse = losses.auxk(residual, dead_recon, n_dead, k_aux)
     return cfg.auxk_coefficient * losses.weight_unit(x) * nmse
@@ -109,12 +108,13 @@ def dead_latent_code(model: SAE, x: Tensor, out: ForwardOutput, dead: Tensor, k_
         dead: ``[d_sae]`` bool, True for dead latents.
     """
     W_enc = model.encoder_weight()  # [n_experts, d_expert, d_in]
-    bias = mask_bias(dead, W_enc.dtype).view(W_enc.shape[:2])  # [n_experts, d_expert]
+    bias = mask_bias(model.exchange.held_features(dead), W_enc.dtype).view(W_enc.shape[:2])  # [experts held, d_expert]
     if model.b_enc is not None:
         bias = bias + model.b_enc.view(W_enc.shape[:2])
     if out.experts is None:
         experts, gates = single_expert(x.shape[0], x.device), None
     else:
-        experts = out.experts.reshape(x.shape[0], -1)  # [batch, n_active]
-        gates = out.gates.reshape(x.shape[0], -1).detach().to(x.dtype)  # the forward pass's own gates
+        n_active = out.experts.shape[-1]  # explicit: an empty batch cannot infer it
+        experts = out.experts.reshape(x.shape[0], n_active)  # [batch, n_active]
+        gates = out.gates.reshape(x.shape[0], n_active).detach().to(x.dtype)  # the forward pass's own gates
     return encode_routed(x, W_enc, bias, model.b_dec, gates, experts, k_aux, model.cfg.tile_rows, model.exchange)

@@ -7,7 +7,8 @@ token; the L1 family (ReLU, Gated, JumpReLU) returns dense ``acts [batch, d_sae]
 
 On disk an SAE is a folder with ``cfg.json`` (the config dataclass plus ``architecture``
 and the SHA-256 of the weights) and ``model.safetensors`` (parameters and buffers, with
-the same config in its metadata), both written atomically. Loading checks the checksum,
+the same config in its metadata), both written atomically; an expert-parallel run writes
+one such folder per process plus ``shards.json`` (``sharded.py``), and ``load`` assembles it. Loading checks the checksum,
 the type of every config field, that ``cfg.json`` still says what the weights were saved
 with (an edited ``k`` or ``dtype`` would otherwise load as a different model), and every
 tensor's name, shape and dtype; each error names the file.
@@ -44,6 +45,7 @@ from ..utils.io import (
 from ..utils.checks import check_int
 from ..utils.typed_config import config_from_dict
 from . import losses
+from .sharded import is_sharded, read_shards
 
 try:  # TransformerLens hook points, so users can hook an SAE like any TL module.
     from transformer_lens.hook_points import HookPoint
@@ -91,13 +93,26 @@ class ForwardOutput(NamedTuple):
         return self.code.indices
 
 
+DECODER_BLOCK_BYTES = 2 << 20
+"""Bytes of one tensor's block of decoder rows in ``remove_decoder_parallel_grad_`` on the
+CPU. On the whole ``[d_sae, d_in]`` matrix the projection streams the gradient, the weights
+and two temporaries of that size through memory (89 ms at d_sae 65,536, d_in 512 on 2
+cores); on blocks whose gradient, weights and temporaries fit the cache together, each
+crosses the memory bus once (15 ms). 2 MiB measured fastest here (1.2x faster than 0.25 or
+8 MiB)."""
+
+
+def row_blocks(W: Tensor) -> list[slice]:
+    """Row ranges of ``W [rows, d_in]`` of about ``DECODER_BLOCK_BYTES`` each; one range off
+    the CPU, where kernel launches, not cache, are what count."""
+    rows = W.shape[0]
+    if W.device.type != "cpu":
+        return [slice(0, rows)]
+    step = max(1, DECODER_BLOCK_BYTES // (W.shape[1] * W.element_size()))
+    return [slice(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def remove_parallel_rows_(G: Tensor, W: Tensor) -> None:
-    """``G [rows, d_in] -= <G_r, W_r> W_r`` per row, in place: for unit rows ``W``, what is
-    left of ``G`` is orthogonal to each row."""
-    G -= (G * W).sum(dim=-1, keepdim=True) * W
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -216,8 +231,13 @@ class SAE(HookedRootModule):
         """Drop from each decoder-row gradient its component along the row (before a step),
         so the step moves along the unit sphere (paper, appendix A)."""
         grad = self.W_dec.grad
-        if grad is not None:
-            remove_parallel_rows_(grad.view(self.d_sae, self.d_in), self.W_dec_flat)
+        if grad is None:
+            return
+        W = self.W_dec_flat
+        G = grad.view(W.shape)
+        for rows in row_blocks(W):  # each block's product and temporaries stay in cache
+            g, w = G[rows], W[rows]
+            g -= (g * w).sum(dim=-1, keepdim=True) * w
 
     def check_input(self, x: Tensor) -> tuple[Tensor, torch.Size]:
         """Validate ``x [..., d_in]``; return it flattened to ``[batch, d_in]`` in the model
@@ -257,11 +277,16 @@ class SAE(HookedRootModule):
     def load(cls, directory: str | Path, device: str | torch.device | None = None) -> "SAE":
         """Rebuild an SAE saved by ``save``; never unpickles. Damage raises naming the file."""
         directory = Path(directory)
-        cfg_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        state = None
+        if is_sharded(directory):  # written by an expert-parallel run: assemble the whole SAE
+            config_folder, state = read_shards(directory)
+        else:
+            config_folder = directory
+        cfg_path, weights_path = config_folder / CONFIG_FILE, config_folder / WEIGHTS_FILE
         for path in (cfg_path, weights_path):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} does not exist: not a saved switch_sae SAE folder")
-        target, cfg_dict = read_saved_config(directory)
+        target, cfg_dict = read_saved_config(config_folder)
         if cls is not SAE and not issubclass(target, cls):
             raise ValueError(f"{directory} holds a {target.architecture!r} SAE, not a {cls.architecture!r} one")
         if device is not None:
@@ -271,7 +296,11 @@ class SAE(HookedRootModule):
             model = target(cfg)
         except (RuntimeError, ValueError) as err:  # e.g. a device this machine lacks
             raise ValueError(f"{cfg_path}: cannot build the SAE it describes: {err}") from err
-        load_weights(model, weights_path)
+        if state is None:
+            load_weights(model, weights_path)
+        else:
+            check_tensors(state, model.state_dict(), directory)
+            model.load_state_dict(state, strict=True)
         return model
 
 

@@ -19,11 +19,13 @@ and the AuxK dead-latent loss (``auxk.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from . import batch_scope
 from .base import SparseCode, register_architecture
 from .topk import DictionaryTopKConfig, DictionaryTopKSAE
 
@@ -76,8 +78,10 @@ class BatchTopKSAE(DictionaryTopKSAE):
         if use_threshold:
             counts = (values > self.threshold.to(values.dtype)).sum(-1)
             return keep_prefix(values, indices, counts), {}
-        budget = min(self.cfg.k * values.shape[0], values.numel())
-        kth = torch.topk(values.detach().flatten(), budget, sorted=False).values.min()
+        # The batch is every process's tokens when training is split across processes.
+        scope = batch_scope.current()
+        budget = min(self.cfg.k * scope.n_tokens(values.shape[0]), scope.n_tokens(values.shape[0]) * values.shape[1])
+        kth = scope.largest(values.detach().flatten(), budget).min()
         # Ties at the k*batch-th value are kept whole: they are equal, so which one is immaterial.
         # Zeros (ReLU'd) are never kept: they add nothing and would only widen the code.
         counts = ((values.detach() >= kth) & (values.detach() > 0)).sum(-1)
@@ -89,8 +93,10 @@ class BatchTopKSAE(DictionaryTopKSAE):
     def _update_threshold_(self, values: Tensor, counts: Tensor) -> dict[str, Tensor]:
         kept = torch.arange(values.shape[1], device=values.device) < counts.unsqueeze(-1)
         positive = values[kept & (values > 0)]
-        if positive.numel():
-            smallest = positive.min().to(torch.float64)
+        scope = batch_scope.current()
+        smallest = positive.min().to(torch.float64) if positive.numel() else torch.tensor(math.inf, dtype=torch.float64)
+        smallest = scope.min(smallest.to(self.threshold.device))
+        if math.isfinite(smallest):
             if self.threshold < 0:
                 self.threshold.copy_(smallest)
             else:

@@ -112,6 +112,6 @@ class JumpReLUSAE(DenseCodeSAE):
         """Reconstruction and the L0 penalty (``l0``)."""
         terms = super().training_terms(x, out, dead)
         pre = out.aux["pre_acts"].float()  # [batch, d_sae]
-        l0 = StepFunction.apply(pre, self.threshold.float(), self.cfg.bandwidth).sum(-1).mean()
+        l0 = losses.token_mean(StepFunction.apply(pre, self.threshold.float(), self.cfg.bandwidth).sum(-1))
         terms["l0"] = self.cfg.l0_coefficient * losses.energy_unit(x) * l0
         return terms

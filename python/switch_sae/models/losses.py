@@ -4,6 +4,11 @@ Conventions: reconstruction errors are summed over ``d_in`` and averaged over to
 in the paper (so MSE is on the scale of ``E||x||^2``, i.e. ``d_in`` for normalised inputs).
 Everything is computed in float32 or wider, whatever the autocast or parameter dtype.
 
+Several processes: under a distributed ``batch_scope`` (training split across processes)
+every token average is this process's share of the global one and every data statistic
+(total variance, energy, expert load) is global, so each term's shares sum to the term of
+the whole batch; locally nothing changes.
+
 Units: every auxiliary weight is relative to the batch's total variance (``weight_unit``),
 so that ``loss / total_variance = FVU + sum_i coefficient_i * term_i`` and a coefficient
 means the same thing whatever the scale of the activations (multiplying the data by a
@@ -18,20 +23,38 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import batch_scope
+
 
 def _wide(t: Tensor) -> Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
+def token_mean(t: Tensor) -> Tensor:
+    """``t [batch, ...]`` averaged over the batch's tokens; under a distributed scope, this
+    process's share ``t.sum(0) / n_tokens`` of the average over every process's tokens."""
+    scope = batch_scope.current()
+    if not scope.distributed:
+        return t.mean(0)
+    return t.sum(0) / scope.n_tokens(t.shape[0])
+
+
 def mse(x: Tensor, x_hat: Tensor) -> Tensor:
     """``mean_tokens ||x - x_hat||^2``; x, x_hat ``[batch, d_in]``."""
-    return (_wide(x) - _wide(x_hat)).pow(2).sum(-1).mean()
+    return token_mean((_wide(x) - _wide(x_hat)).pow(2).sum(-1))
 
 
 def total_variance(x: Tensor) -> Tensor:
-    """``mean_tokens ||x - mean(x)||^2`` of ``x [batch, d_in]``: the MSE of predicting the mean."""
+    """``mean_tokens ||x - mean(x)||^2`` of ``x [batch, d_in]``: the MSE of predicting the mean
+    (a statistic of the data: global, and detached, under a distributed scope)."""
     x = _wide(x)
-    return (x - x.mean(0)).pow(2).sum(-1).mean()
+    scope = batch_scope.current()
+    if not scope.distributed:
+        return (x - x.mean(0)).pow(2).sum(-1).mean()
+    x = x.detach()
+    n = scope.n_tokens(x.shape[0])
+    mean = scope.sum(x.sum(0)) / n
+    return scope.sum((x - mean).pow(2).sum()) / n
 
 
 def weight_unit(x: Tensor) -> Tensor:
@@ -51,7 +74,11 @@ def energy_unit(x: Tensor) -> Tensor:
     normalised inputs keep their meaning at any activation scale.
     """
     x = _wide(x.detach())
-    return (x.pow(2).sum(-1).mean() / x.shape[-1]).clamp_min(torch.finfo(torch.float32).tiny)
+    scope = batch_scope.current()
+    if not scope.distributed:
+        return (x.pow(2).sum(-1).mean() / x.shape[-1]).clamp_min(torch.finfo(torch.float32).tiny)
+    mean_square = scope.sum(x.pow(2).sum()) / scope.n_tokens(x.shape[0])
+    return (mean_square / x.shape[-1]).clamp_min(torch.finfo(torch.float32).tiny)
 
 
 def fvu(x: Tensor, x_hat: Tensor) -> Tensor:
@@ -70,7 +97,11 @@ def expert_load(experts: Tensor, n_experts: int) -> Tensor:
         experts: ``[batch, n_active]`` int64.
     """
     counts = torch.bincount(experts.reshape(-1), minlength=n_experts)
-    return counts.to(torch.float32) / experts.numel()
+    scope = batch_scope.current()
+    if not scope.distributed:
+        return counts.to(torch.float32) / experts.numel()
+    counts = scope.sum(counts)  # every process's pairs
+    return counts.to(torch.float32) / counts.sum()
 
 
 def load_balancing(router_probs: Tensor, experts: Tensor) -> Tensor:
@@ -81,24 +112,24 @@ def load_balancing(router_probs: Tensor, experts: Tensor) -> Tensor:
     """
     n_experts = router_probs.shape[-1]
     f = expert_load(experts, n_experts)
-    P = _wide(router_probs).mean(0)  # [n_experts]
+    P = token_mean(_wide(router_probs))  # [n_experts]
     return n_experts * (f * P).sum()
 
 
 def router_p_max(router_probs: Tensor) -> Tensor:
     """Mean over tokens of the largest routing probability (1/n_experts = a flat router)."""
-    return _wide(router_probs).max(-1).values.mean()
+    return token_mean(_wide(router_probs).max(-1).values)
 
 
 def router_entropy(router_probs: Tensor) -> Tensor:
     """Mean over tokens of the entropy (nats) of the routing distribution."""
     p = _wide(router_probs)
-    return -(p * torch.log(p.clamp_min(1e-30))).sum(-1).mean()
+    return token_mean(-(p * torch.log(p.clamp_min(1e-30))).sum(-1))
 
 
 def weighted_l1(acts: Tensor, W_dec: Tensor) -> Tensor:
     """``mean_tokens sum_i |acts_i| * ||W_dec[i]||``; acts ``[batch, d_sae]``, W_dec ``[d_sae, d_in]``."""
-    return (_wide(acts).abs() * _wide(W_dec).norm(dim=-1)).sum(-1).mean()
+    return token_mean((_wide(acts).abs() * _wide(W_dec).norm(dim=-1)).sum(-1))
 
 
 def auxk(residual: Tensor, dead_recon: Tensor, n_dead: int, k_aux: int) -> Tensor:

@@ -11,8 +11,9 @@ A TopK SAE is a Switch SAE with one expert, so all three encode and decode the s
 
 ``Grouped`` is the hand-off between dispatch and encode: tokens, the pairs' order and the
 per-expert offsets. Under expert parallelism an ``Exchange`` sends each expert's pairs to the
-process that owns it (an all-to-all, counts first) and brings the codes back; everything
-before and after it is unchanged. Keeping the stages in one place means the sparse kernels,
+process that owns it (an all-to-all, counts first) and brings the codes back; it also
+decodes, because the decoder rows of an expert live where the expert does
+(``switch_sae.parallel.expert``). Everything before and after it is unchanged. Keeping the stages in one place means the sparse kernels,
 the gating and the merge are written once, and the AuxK loss (``models.auxk``) re-runs the
 very same encoder with another bias and another k.
 
@@ -64,6 +65,19 @@ class Exchange(Protocol):
 
     def __call__(self, grouped: Grouped) -> tuple[Grouped, CodesBack]: ...
 
+    def decode(self, code: SparseCode, W_dec_flat: Tensor) -> Tensor:
+        """``[batch, width]`` code (global feature ids) -> ``[batch, d_in]``
+        ``sum_j values_j W_dec[indices_j]`` (no ``b_dec``); ``W_dec_flat`` holds this process's rows."""
+        ...
+
+    def n_experts(self, held: int) -> int:
+        """Experts in the whole SAE, given that this process holds ``held`` of them."""
+        ...
+
+    def held_features(self, per_feature: Tensor) -> Tensor:
+        """The entries of a ``[d_sae]`` per-feature tensor that belong to this process's experts."""
+        ...
+
 
 def _unchanged(code: SparseCode) -> SparseCode:
     return code
@@ -74,6 +88,15 @@ class LocalExchange:
 
     def __call__(self, grouped: Grouped) -> tuple[Grouped, CodesBack]:
         return grouped, _unchanged
+
+    def decode(self, code: SparseCode, W_dec_flat: Tensor) -> Tensor:
+        return ops.decode(code.values, code.indices, W_dec_flat)
+
+    def n_experts(self, held: int) -> int:
+        return held
+
+    def held_features(self, per_feature: Tensor) -> Tensor:
+        return per_feature
 
 
 LOCAL_EXCHANGE = LocalExchange()
@@ -121,9 +144,9 @@ def combine(code: SparseCode, gates: Tensor | None, n_active: int) -> SparseCode
     return SparseCode(top, indices.view(batch, candidates).gather(1, pos))
 
 
-def decode(code: SparseCode, W_dec_flat: Tensor, b_dec: Tensor) -> Tensor:
+def decode(code: SparseCode, W_dec_flat: Tensor, b_dec: Tensor, exchange: Exchange = LOCAL_EXCHANGE) -> Tensor:
     """``[batch, width]`` code -> ``x_hat [batch, d_in]``: ``sum_j values_j W_dec_flat[indices_j] + b_dec``."""
-    return ops.decode(code.values, code.indices, W_dec_flat) + b_dec
+    return exchange.decode(code, W_dec_flat) + b_dec
 
 
 def encode_routed(
@@ -148,7 +171,7 @@ def encode_routed(
     Returns:
         ``SparseCode`` with values/indices ``[batch, k]`` (values gated, descending).
     """
-    grouped = dispatch(x, experts, W_enc.shape[0])
+    grouped = dispatch(x, experts, exchange.n_experts(W_enc.shape[0]))
     at_experts, back = exchange(grouped)
     code = back(encode(at_experts, W_enc, b_enc, b_dec, k, tile_rows))  # [batch * n_active, k]
     return combine(code, gates, grouped.n_active)
@@ -187,7 +210,8 @@ class RoutedSAE(SAE):
     def decode(self, code: SparseCode) -> Tensor:
         values, indices = code  # [..., width] each
         lead, width = values.shape[:-1], values.shape[-1]
-        flat = decode(SparseCode(values.reshape(-1, width), indices.reshape(-1, width)), self.W_dec_flat, self.b_dec)
+        code = SparseCode(values.reshape(-1, width), indices.reshape(-1, width))
+        flat = decode(code, self.W_dec_flat, self.b_dec, self.exchange)
         return _unflatten(flat, lead)
 
     def forward(self, x: Tensor) -> ForwardOutput:
@@ -195,7 +219,7 @@ class RoutedSAE(SAE):
         x = self.hook_sae_input(x)  # [batch, d_in]
         code, extras = self.encode_batch(x, update_state=self.training)
         values = self.hook_sae_acts_post(code.values)  # [batch, width]
-        x_hat = self.hook_sae_recons(decode(SparseCode(values, code.indices), self.W_dec_flat, self.b_dec))
+        x_hat = self.hook_sae_recons(decode(SparseCode(values, code.indices), self.W_dec_flat, self.b_dec, self.exchange))
         extras = {name: _unflatten(t, lead) if isinstance(t, Tensor) else t for name, t in extras.items()}
         return ForwardOutput(
             x_hat=_unflatten(x_hat, lead),

@@ -119,7 +119,7 @@ class SwitchSAE(AuxKTerms, RoutedSAE):
 
     @property
     def W_dec_flat(self) -> Tensor:
-        return self.W_dec.view(self.cfg.d_sae, self.cfg.d_in)
+        return self.W_dec.view(-1, self.cfg.d_in)  # [d_sae, d_in], or this process's experts' rows
 
     @property
     def encoder_width(self) -> float:

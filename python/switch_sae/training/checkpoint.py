@@ -8,6 +8,10 @@ A checkpoint is a folder ``<root>/step_<step>/``::
     trainer.json                              step, tokens, data position, input scale, config
     manifest.json                             sha256 of every file above; written last
 
+An expert-parallel run (``switch_sae.parallel``) writes the files above once per process,
+into ``rank_00000/``, ``rank_00001/``, ..., and one manifest covering them all, which also
+records the world size.
+
 It is assembled in a hidden temporary folder and renamed into place, so a crash leaves
 either no new checkpoint or a complete one; the manifest (checked on load) also catches
 later damage, and resuming falls back to the newest checkpoint that passes it. Nothing is
@@ -31,6 +35,7 @@ import torch
 from torch import Tensor
 
 from ..models.base import CHECKSUM_KEY, CONFIG_FILE, WEIGHTS_FILE, SAE, load_weights
+from ..models.sharded import rank_folder
 from ..utils.io import (
     DamagedFileError,
     atomic_write_json,
@@ -113,31 +118,65 @@ def save_checkpoint(
 
     ``tensors`` and ``state`` are the trainer's own tensors and JSON-able counters.
     """
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = root / f".{final.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)  # debris of a crash mid-write
-    model.save(tmp / "model")
+    staging = staging_folder(root, step)
+    shutil.rmtree(staging, ignore_errors=True)  # debris of a crash mid-write
+    write_files(staging, model, optimizer, tensors, state)
+    return publish(root, step, digests(staging), keep)
+
+
+def staging_folder(root: str | Path, step: int) -> Path:
+    """The hidden folder where the checkpoint of ``step`` is assembled before the rename."""
+    return Path(root) / f".{step_folder(step)}.tmp"
+
+
+def step_folder(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def write_files(
+    folder: Path, model: SAE, optimizer: torch.optim.Optimizer, tensors: dict[str, Tensor], state: dict[str, Any]
+) -> None:
+    """The model, optimiser and trainer files of one checkpoint (of one process) into ``folder``."""
+    model.save(folder / "model")
     opt_tensors, opt_meta = _optimizer_files(optimizer)
-    atomic_write_safetensors(opt_tensors, tmp / "optimizer.safetensors")
-    atomic_write_json(opt_meta, tmp / "optimizer.json")
-    atomic_write_safetensors({**tensors, **rng_state()}, tmp / "trainer.safetensors")
-    atomic_write_json(state, tmp / "trainer.json")
-    files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
-    atomic_write_json({"format": FORMAT, "step": step, "files": {f: sha256_file(tmp / f) for f in files}}, tmp / MANIFEST)
-    if final.exists():  # re-saving a step (e.g. Ctrl-C right after a periodic save)
-        old = root / f".{final.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-    _fsync_dir(root)
+    atomic_write_safetensors(opt_tensors, folder / "optimizer.safetensors")
+    atomic_write_json(opt_meta, folder / "optimizer.json")
+    atomic_write_safetensors({**tensors, **rng_state()}, folder / "trainer.safetensors")
+    atomic_write_json(state, folder / "trainer.json")
+
+
+def digests(folder: Path, prefix: str = "") -> dict[str, str]:
+    """``{prefix + relative path: sha256}`` of every file under ``folder``."""
+    return {prefix + p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def publish(root: str | Path, step: int, files: dict[str, str], keep: int, world_size: int | None = None) -> Path:
+    """Write the manifest of the staged checkpoint ``step`` (``files``: its digests; ``world_size``:
+    how many processes wrote a ``rank_*`` folder each, None for one checkpoint), rename it into
+    place and keep only the ``keep`` newest checkpoints."""
+    root = Path(root)
+    staging, final = staging_folder(root, step), root / step_folder(step)
+    manifest = {"format": FORMAT, "step": step, "files": files}
+    if world_size is not None:
+        manifest["world_size"] = world_size
+    atomic_write_json(manifest, staging / MANIFEST)
+    install_folder(staging, final)  # replaces a re-saved step (e.g. Ctrl-C right after a periodic save)
     for stale in checkpoints(root)[:-keep]:
         shutil.rmtree(stale)
     return final
+
+
+def install_folder(staging: Path, final: Path) -> None:
+    """Rename the complete folder ``staging`` to ``final``, replacing any folder already there."""
+    if final.exists():
+        old = final.parent / f".{final.name}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, final)
+    _fsync_dir(final.parent)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -162,7 +201,10 @@ def verify(path: str | Path) -> dict[str, Any]:
         if manifest.get("format") != FORMAT:
             raise DamagedFileError(f"{manifest_path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
         files = manifest.get("files")
-        if not isinstance(files, dict) or not {"trainer.json", f"model/{CONFIG_FILE}"} <= files.keys():
+        required = {"trainer.json", f"model/{CONFIG_FILE}"}
+        if "world_size" in manifest:  # one folder per process of a sharded run
+            required = {f"{rank_folder(r)}/{name}" for r in range(int(manifest["world_size"])) for name in required}
+        if not isinstance(files, dict) or not required <= files.keys():
             raise DamagedFileError(f"{manifest_path} does not list the checkpoint's files")
         for name, digest in files.items():
             check_sha256(path / name, digest, manifest_path)

@@ -65,6 +65,10 @@ class TrainConfig:
     """Also log to TensorBoard under run_dir/tensorboard (needs tensorboard installed)."""
     progress: bool = True
     """Show a tqdm progress bar in fit()."""
+    parallel: str = "none"
+    """Training across processes (launch with torchrun; gloo on CPU, NCCL on GPU): 'none', one process; 'data', every process holds the whole SAE and trains on its slice of each batch (any architecture); 'expert', each process also holds n_experts / W of a Switch SAE's experts and tokens travel to them. batch_size stays the global batch; the result equals one process's training on the same global batches."""
+    parallel_timeout_s: float = 600.0
+    """Seconds a process waits in a collective before failing: a crashed peer stops the others with an error within this time rather than hanging them."""
 
     def __post_init__(self) -> None:
         self.adam_betas = tuple(self.adam_betas)  # JSON round trips turn it into a list
@@ -72,6 +76,9 @@ class TrainConfig:
         check_int_fields(self, "warmup_steps", "checkpoint_every", "seed", minimum=0)
         check_int_fields(self, "dead_after_tokens", minimum=0, optional=True)
         check_number_fields(self, "adam_eps", "grad_clip")
+        check_number("parallel_timeout_s", self.parallel_timeout_s, positive=True)
+        if self.parallel not in ("none", "data", "expert"):
+            raise ValueError(f"parallel must be 'none', 'data' or 'expert', got {self.parallel!r}")
         if self.lr is not None:
             check_number("lr", self.lr, positive=True)
         if self.optimizer not in OPTIMIZERS:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..models import losses
 from ..models.base import ForwardOutput
 
 
@@ -26,7 +27,7 @@ def fired_latents(out: ForwardOutput, d_sae: int) -> Tensor:
 def l0(out: ForwardOutput) -> Tensor:
     """Mean nonzero activations per token, from the code actually used to decode."""
     active = out.code.values if out.code is not None else out.acts
-    return (active != 0).sum(-1).float().mean()
+    return losses.token_mean((active != 0).sum(-1).float())
 
 
 class DeadLatentTracker(nn.Module):
