@@ -96,9 +96,9 @@ class ForwardOutput(NamedTuple):
 DECODER_BLOCK_BYTES = 2 << 20
 """Bytes of one tensor's block of decoder rows in ``remove_decoder_parallel_grad_`` on the
 CPU. On the whole ``[d_sae, d_in]`` matrix the projection streams the gradient, the weights
-and two temporaries of that size through memory (89 ms at d_sae 65,536, d_in 512 on 2
+and two temporaries of that size through memory (85 ms at d_sae 65,536, d_in 512 on 2
 cores); on blocks whose gradient, weights and temporaries fit the cache together, each
-crosses the memory bus once (15 ms). 2 MiB measured fastest here (1.2x faster than 0.25 or
+crosses the memory bus once (12 ms). 2 MiB measured fastest here (1.2x faster than 0.25 or
 8 MiB)."""
 
 
