@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from switch_sae.models import SwitchSAE, SwitchSAEConfig, TopKSAE, TopKSAEConfig, base
+from switch_sae.parallel.strategy import SingleProcess
 from switch_sae.training import TrainConfig, Trainer
 
 MODELS = {
@@ -61,3 +62,19 @@ def test_training_with_blocks_equals_training_on_the_whole_matrix(monkeypatch):
     assert blocked_metrics[0].grad_norm > 0.5  # clipping is exercised
     for (name, a), b in zip(blocked.named_parameters(), whole.parameters()):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), name
+
+
+@pytest.mark.parametrize("max_norm", [0.1, 1e4])  # clipped, and left alone
+def test_clipping_equals_torch_clip_grad_norm(max_norm):
+    torch.manual_seed(0)
+    ours, theirs = MODELS["topk"](), MODELS["topk"]()
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(32, 16)
+    for model in (ours, theirs):
+        model(x).x_hat.square().sum().backward()
+    total = SingleProcess().clip_grad_norm_(ours, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm)
+    assert total.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert (total.item() > max_norm) is (max_norm == 0.1)
+    for mine, reference in zip(ours.parameters(), theirs.parameters()):
+        torch.testing.assert_close(mine.grad, reference.grad, rtol=1e-6, atol=0)

@@ -96,8 +96,18 @@ def clip_grad_norm_(replicated: list[nn.Parameter], sharded: list[nn.Parameter],
         return torch.nn.utils.get_total_norm(grads).float().pow(2)
 
     total = (squared(replicated) + all_reduce(squared(sharded), group)).sqrt()
-    torch.nn.utils.clip_grads_with_norm_([*replicated, *sharded], max_norm, total)
+    clip_to_norm_([*replicated, *sharded], max_norm, total)
     return total
+
+
+def clip_to_norm_(params: list[nn.Parameter], max_norm: float, total: Tensor) -> None:
+    """``torch.nn.utils.clip_grads_with_norm_``, skipped when its scale would be exactly 1.
+
+    Its scale is ``min(1, max_norm / (total + 1e-6))``; an unclipped step would still pass over
+    every gradient to multiply it by 1 (5-9 ms of a 64-expert step on 2 cores). A non-finite
+    norm is passed on, as before."""
+    if not float(total) + 1e-6 <= max_norm:
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
 
 
 def sum_shares(shares: dict[str, Tensor], group) -> dict[str, float]:

@@ -41,7 +41,7 @@ from ..training import checkpoint
 from . import group as process_group
 from .checkpoint import checkpoint_files, save_sharded_checkpoint, save_sharded_sae
 from .expert import shard_experts_
-from .reduction import ProcessBatchScope, all_reduce, clip_grad_norm_, gather_rows, sum_gradients_, sum_shares
+from .reduction import ProcessBatchScope, all_reduce, clip_grad_norm_, clip_to_norm_, gather_rows, sum_gradients_, sum_shares
 
 MODES = ("none", "data", "expert")
 
@@ -65,7 +65,10 @@ class SingleProcess:
         pass
 
     def clip_grad_norm_(self, model: SAE, max_norm: float) -> Tensor:
-        return torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        params = [p for p in model.parameters() if p.grad is not None]
+        total = torch.nn.utils.get_total_norm([p.grad for p in params])
+        clip_to_norm_(params, max_norm, total)
+        return total
 
     def fired(self, fired: Tensor) -> Tensor:
         return fired
