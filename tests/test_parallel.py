@@ -13,10 +13,13 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -24,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from switch_sae import SAE, TrainConfig, Trainer, architectures
 from switch_sae.models.sharded import EXPERT_PARAMETERS, is_sharded
-from switch_sae.training.checkpoint import CheckpointError
+from switch_sae.training.checkpoint import CheckpointError, staging_folder
 
 STEPS = 20
 D_IN = 8
@@ -93,6 +96,10 @@ def run_case(spec, rank, out: Path) -> None:
     run = out / spec["name"]
     if spec["name"].startswith("expert-resume"):  # stop halfway (checkpoint), then resume
         Trainer(new_model(spec), train_config(spec, spec["mode"], run)).fit(batches[: STEPS // 2])
+        if rank == 0:  # a kill while the next checkpoint was being written leaves it half staged
+            debris = staging_folder(run / "checkpoints", STEPS // 2 + 1) / "rank_00000"
+            debris.mkdir(parents=True)
+            (debris / "model.safetensors").write_bytes(b"\0" * 10)
         trainer = Trainer(new_model(spec), train_config(spec, spec["mode"], run, resume=True))
         assert trainer.step_count == STEPS // 2
     else:
@@ -261,10 +268,6 @@ def test_stored_rows_give_each_process_its_own_block():
 def test_torchrun_trains_an_expert_parallel_switch_sae_from_the_command_line(tmp_path):
     """Two processes under torchrun, each on its block of stored activations; the saved SAE
     loads whole in this process and each process held half of the experts."""
-    import numpy as np
-    import subprocess
-    import sys
-
     g = torch.Generator().manual_seed(0)
     np.save(tmp_path / "acts.npy", (torch.randn(256, D_IN, generator=g) + 2).numpy())
     out = tmp_path / "run"
