@@ -44,6 +44,7 @@ KERNELS = (
     "finish_preactivations_kernel",
     "tile_ends_kernel",
     "scatter_topk_kernel",
+    "select_topk_kernel",
     "check_routing_kernel",
 )
 # Dispatch keys every op has a kernel for: the backends, and the autocast kernels
