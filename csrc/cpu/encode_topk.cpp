@@ -103,10 +103,10 @@ void scatter_topk(const scalar_t* pre, int64_t n, int64_t d_expert, int64_t k,
       for (int64_t i = begin; i < end; ++i) {
         topk.select(pre + i * d_expert, d_expert);
         for (int64_t j = 0; j < k; ++j) {
-          const auto v = static_cast<scalar_t>(topk.entry(j).value);  // exact: it came from scalar_t
+          const auto v = static_cast<scalar_t>(topk.value(j));  // exact: it came from scalar_t
           // ReLU as at::relu: NaN propagates.
           values[pairs[i] * k + j] = (v > scalar_t(0) || at::_isnan(v)) ? v : scalar_t(0);
-          indices[pairs[i] * k + j] = first_feature + topk.entry(j).id;
+          indices[pairs[i] * k + j] = first_feature + topk.id(j);
         }
       }
     });
