@@ -38,7 +38,6 @@ OPS = ("dispatch", "encode_topk", "encode_backward", "decode", "decode_backward"
 KERNELS = (
     "histogram_kernel",
     "gather_sum_kernel",
-    "row_dot_kernel",
     "feature_sum_kernel",
     "gather_centered_kernel",
     "finish_preactivations_kernel",

@@ -38,7 +38,8 @@ void decode_backward_kernel(const scalar_t* grad_out, const scalar_t* values,
       [&](int64_t s) { return grad_out + (s / k) * d_in; },
       [&](int64_t f, int64_t s, const scalar_t* grad_out_row) {
         grad_values[s] = static_cast<scalar_t>(cpu::dot<scalar_t, acc_t>(grad_out_row, W_dec + f * d_in, d_in));
-      });
+      },
+      /*feature_table=*/W_dec);
 }
 
 // ---- launcher

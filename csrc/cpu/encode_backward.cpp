@@ -39,7 +39,7 @@ void encode_backward_kernel(const std::vector<at::opmath_type<scalar_t>>& grad_p
   cpu::reduce_by_feature<scalar_t>(
       groups, d_in, grad_W_flat, grad_b_enc, [&](int64_t s) { return grad_pre[s]; },
       [&](int64_t s) { return x_centered + (s / per_token) * d_in; },
-      /*on_slot=*/[](int64_t, int64_t, const scalar_t*) {});
+      /*on_slot=*/[](int64_t, int64_t, const scalar_t*) {}, /*feature_table=*/nullptr);
 }
 
 // ---- launcher
