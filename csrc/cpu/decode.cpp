@@ -26,7 +26,7 @@ void decode_kernel(const scalar_t* values, const int64_t* indices, const scalar_
                 "] = ", indices[s], " is out of range [0, ", d_sae, ") (W_dec.size(0) = d_sae)");
   }
   cpu::gather_sum<scalar_t>(
-      indices, [&](int64_t s) { return static_cast<acc_t>(values[s]); }, W_dec, out, rows, k, d_in);
+      indices, [&](int64_t s) { return static_cast<acc_t>(values[s]); }, W_dec, d_sae, out, rows, k, d_in);
 }
 
 // ---- launcher

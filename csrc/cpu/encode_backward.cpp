@@ -35,7 +35,8 @@ void encode_backward_kernel(const std::vector<at::opmath_type<scalar_t>>& grad_p
                             int64_t batch, int64_t n_active, int64_t k, int64_t d_in) {
   const int64_t per_token = n_active * k;  // entries of one token, contiguous
   cpu::gather_sum<scalar_t>(
-      indices, [&](int64_t s) { return grad_pre[s]; }, W_flat, grad_x, batch, per_token, d_in);
+      indices, [&](int64_t s) { return grad_pre[s]; }, W_flat, static_cast<int64_t>(groups.offsets.size()) - 1, grad_x, batch,
+      per_token, d_in);
   cpu::reduce_by_feature<scalar_t>(
       groups, d_in, grad_W_flat, grad_b_enc, [&](int64_t s) { return grad_pre[s]; },
       [&](int64_t s) { return x_centered + (s / per_token) * d_in; },
