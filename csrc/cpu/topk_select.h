@@ -22,6 +22,7 @@
 // whatever the path, block size or ISA.
 #pragma once
 #include <ATen/OpMathType.h>
+#include <c10/util/BFloat16.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -147,15 +148,31 @@ class RowTopk {
     std::sort_heap(best_.begin(), best_.end(), better);
   }
 
-  // The largest number in row[0:kBlock], NaN skipped (-inf if all are NaN). For float,
-  // SSE max (baseline x86-64, VEX-encoded in the AVX2 build): _mm_max_ps(v, m) returns m
-  // when v is NaN, and m never is.
+#if defined(__x86_64__)
+  // float and bfloat16 rows are tested 4 values at a time with SSE (baseline x86-64,
+  // VEX-encoded in the AVX2 build) into bit masks, with no branch per feature; other
+  // types use the plain loops.
+  static constexpr bool kSse = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, at::BFloat16>;
+
+  // row[0:4] as floats (exact: a bfloat16 is the top half of its float).
+  static __m128 load4(const scalar_t* row) {
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      return _mm_loadu_ps(row);
+    } else {
+      const __m128i half = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row));
+      return _mm_castsi128_ps(_mm_unpacklo_epi16(_mm_setzero_si128(), half));
+    }
+  }
+#endif
+
+  // The largest number in row[0:kBlock], NaN skipped (-inf if all are NaN). With SSE,
+  // _mm_max_ps(v, m) returns m when v is NaN, and m never is.
   static acc_t block_max(const scalar_t* row) {
 #if defined(__x86_64__)
-    if constexpr (std::is_same_v<scalar_t, float>) {
+    if constexpr (kSse) {
       __m128 m = _mm_set1_ps(-std::numeric_limits<float>::infinity());
       for (int64_t q = 0; q < kBlock / 4; ++q) {
-        m = _mm_max_ps(_mm_loadu_ps(row + 4 * q), m);
+        m = _mm_max_ps(load4(row + 4 * q), m);
       }
       m = _mm_max_ps(m, _mm_movehl_ps(m, m));
       m = _mm_max_ps(m, _mm_shuffle_ps(m, m, 1));
@@ -173,11 +190,11 @@ class RowTopk {
   // Bit l set where row[l] (l < kBlock) is >= bound or NaN, i.e. !(v < bound).
   static uint32_t at_least(const scalar_t* row, acc_t bound) {
 #if defined(__x86_64__)
-    if constexpr (std::is_same_v<scalar_t, float>) {
+    if constexpr (kSse) {
       const __m128 b = _mm_set1_ps(bound);
       uint32_t bits = 0;
       for (int64_t q = 0; q < kBlock / 4; ++q) {
-        bits |= static_cast<uint32_t>(_mm_movemask_ps(_mm_cmpnlt_ps(_mm_loadu_ps(row + 4 * q), b))) << (4 * q);
+        bits |= static_cast<uint32_t>(_mm_movemask_ps(_mm_cmpnlt_ps(load4(row + 4 * q), b))) << (4 * q);
       }
       return bits;
     }
@@ -192,11 +209,11 @@ class RowTopk {
   // Bit l set where row[l] (l < kBlock) is > threshold or NaN, i.e. !(v <= threshold).
   static uint32_t above(const scalar_t* row, acc_t threshold) {
 #if defined(__x86_64__)
-    if constexpr (std::is_same_v<scalar_t, float>) {
+    if constexpr (kSse) {
       const __m128 t = _mm_set1_ps(threshold);
       uint32_t bits = 0;
       for (int64_t q = 0; q < kBlock / 4; ++q) {
-        bits |= static_cast<uint32_t>(_mm_movemask_ps(_mm_cmpnle_ps(_mm_loadu_ps(row + 4 * q), t))) << (4 * q);
+        bits |= static_cast<uint32_t>(_mm_movemask_ps(_mm_cmpnle_ps(load4(row + 4 * q), t))) << (4 * q);
       }
       return bits;
     }
