@@ -109,7 +109,7 @@ class RowTopk {
     candidates_.clear();
     int64_t i = 0;
     for (; i + kBlock <= n; i += kBlock) {
-      for (uint32_t bits = at_least(row + i, bound); bits != 0; bits &= bits - 1) {
+      for (uint32_t bits = past</*kStrict=*/false>(row + i, bound); bits != 0; bits &= bits - 1) {
         const int64_t id = i + __builtin_ctz(bits);
         candidates_.push_back({Key::of(static_cast<acc_t>(row[id])), id});
       }
@@ -137,7 +137,7 @@ class RowTopk {
     for (; i + kBlock <= n && threshold == threshold; i += kBlock) {
       // Set bits in id order; an earlier one may raise the threshold above a later one,
       // which offer() re-tests.
-      for (uint32_t bits = above(row + i, threshold); bits != 0; bits &= bits - 1) {
+      for (uint32_t bits = past</*kStrict=*/true>(row + i, threshold); bits != 0; bits &= bits - 1) {
         const int64_t l = __builtin_ctz(bits);
         offer(static_cast<acc_t>(row[i + l]), i + l, threshold);
       }
@@ -187,40 +187,25 @@ class RowTopk {
     return m;
   }
 
-  // Bit l set where row[l] (l < kBlock) is >= bound or NaN, i.e. !(v < bound).
-  static uint32_t at_least(const scalar_t* row, acc_t bound) {
+  // Bit l set where row[l] (l < kBlock) is NaN or past bar: > bar if kStrict, >= bar
+  // otherwise, i.e. !(v <= bar) or !(v < bar).
+  template <bool kStrict>
+  static uint32_t past(const scalar_t* row, acc_t bar) {
+    uint32_t bits = 0;
 #if defined(__x86_64__)
     if constexpr (kSse) {
-      const __m128 b = _mm_set1_ps(bound);
-      uint32_t bits = 0;
+      const __m128 b = _mm_set1_ps(bar);
       for (int64_t q = 0; q < kBlock / 4; ++q) {
-        bits |= static_cast<uint32_t>(_mm_movemask_ps(_mm_cmpnlt_ps(load4(row + 4 * q), b))) << (4 * q);
+        const __m128 v = load4(row + 4 * q);
+        const __m128 hit = kStrict ? _mm_cmpnle_ps(v, b) : _mm_cmpnlt_ps(v, b);
+        bits |= static_cast<uint32_t>(_mm_movemask_ps(hit)) << (4 * q);
       }
       return bits;
     }
 #endif
-    uint32_t bits = 0;
     for (int64_t l = 0; l < kBlock; ++l) {
-      bits |= static_cast<uint32_t>(!(static_cast<acc_t>(row[l]) < bound)) << l;
-    }
-    return bits;
-  }
-
-  // Bit l set where row[l] (l < kBlock) is > threshold or NaN, i.e. !(v <= threshold).
-  static uint32_t above(const scalar_t* row, acc_t threshold) {
-#if defined(__x86_64__)
-    if constexpr (kSse) {
-      const __m128 t = _mm_set1_ps(threshold);
-      uint32_t bits = 0;
-      for (int64_t q = 0; q < kBlock / 4; ++q) {
-        bits |= static_cast<uint32_t>(_mm_movemask_ps(_mm_cmpnle_ps(load4(row + 4 * q), t))) << (4 * q);
-      }
-      return bits;
-    }
-#endif
-    uint32_t bits = 0;
-    for (int64_t l = 0; l < kBlock; ++l) {
-      bits |= static_cast<uint32_t>(!(static_cast<acc_t>(row[l]) <= threshold)) << l;
+      const auto v = static_cast<acc_t>(row[l]);
+      bits |= static_cast<uint32_t>(kStrict ? !(v <= bar) : !(v < bar)) << l;
     }
     return bits;
   }
