@@ -38,12 +38,12 @@ OPS = ("dispatch", "encode_topk", "encode_backward", "decode", "decode_backward"
 KERNELS = (
     "histogram_kernel",
     "gather_sum_kernel",
-    "row_dot_kernel",
     "feature_sum_kernel",
     "gather_centered_kernel",
     "finish_preactivations_kernel",
     "tile_ends_kernel",
     "scatter_topk_kernel",
+    "select_topk_kernel",
     "check_routing_kernel",
 )
 # Dispatch keys every op has a kernel for: the backends, and the autocast kernels

@@ -249,6 +249,57 @@ class TestTopkTies:
         assert torch.equal(values, ref_values)
 
 
+class TestTopkSelection:
+    """The CPU kernel selects in one pass per row (a threshold test per block of 16
+    features, a heap of the k best so far). Rows of exact integer ties, NaN and +-inf
+    features wide enough for full blocks and a remainder, against the reference bitwise."""
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    @pytest.mark.parametrize("k", [1, 5, 32, 61])
+    @pytest.mark.parametrize("specials", ["none", "nan_and_inf", "nan_beyond_k"])
+    def test_matches_the_reference_bitwise(self, specials, k, dtype):
+        p = wide_tied_problem(dtype, specials, k)
+        values, indices = encode(p)
+        order, offsets = OPS.dispatch(p["experts"], p["n_experts"])
+        ref_values, ref_indices = reference.encode_topk(
+            p["x"], p["W_enc"], p["b_enc"], p["b_dec"], order, offsets, p["n_active"], p["k"], p["tile_rows"]
+        )
+        assert torch.equal(indices, ref_indices)
+        torch.testing.assert_close(values, ref_values, equal_nan=True, rtol=0, atol=0)
+        if specials == "nan_beyond_k":  # more NaN features than k: all chosen are NaN
+            assert values[:, : min(k, 39)].isnan().all()
+
+    def test_k_equal_to_a_wide_d_expert_sorts_the_whole_row(self):
+        p = wide_tied_problem(torch.float32, "nan_and_inf", k=61)
+        p["W_enc"], p["b_enc"] = p["W_enc"][:, :61].contiguous(), p["b_enc"][:, :61].contiguous()
+        values, indices = encode(p)
+        pre = routed_preactivations(p)  # [rows, 61]
+        want_values, want_ids = reference.topk(pre, 61)
+        assert torch.equal(indices % 61, want_ids)
+        torch.testing.assert_close(values.double(), want_values.relu(), equal_nan=True, rtol=0, atol=0)
+
+
+def wide_tied_problem(dtype, specials, k, seed=0):
+    """A routed problem of small integers (exact in bfloat16, so most rows hold exact
+    ties, also at the k-th place) whose experts are 200 features wide: 12 blocks of 16
+    and a remainder. Expert 1 gets no token; tiles of 3 rows hold fewer rows than k.
+    specials: "nan_and_inf" makes a few features NaN (through W_enc) and +-inf (through
+    b_enc) at the start, middle and end of the row; "nan_beyond_k" makes 39 features NaN."""
+    p = make_problem((24, 8, 3, 200, k, 2, 3), idle_expert=1, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    for name in ("x", "W_enc", "b_enc", "b_dec"):
+        p[name] = torch.randint(-2, 3, p[name].shape, generator=g).to(torch.float32)
+    if specials == "nan_and_inf":
+        p["W_enc"][:, [0, 17, 150, 199], 0] = float("nan")
+        p["b_enc"][:, [3, 64, 191]] = float("inf")
+        p["b_enc"][:, [1, 100, 198]] = float("-inf")
+    elif specials == "nan_beyond_k":
+        p["W_enc"][:, 5:200:5, 0] = float("nan")
+    for name in ("x", "W_enc", "b_enc", "b_dec"):
+        p[name] = p[name].to(dtype)
+    return p
+
+
 def tied_problem(dtype, device="cpu", b_enc=True, seed=0):
     """A routed problem of small integers: every pre-activation is an exact integer in
     [-66, 66] (exact in float32 and bfloat16 whatever the summation order), and with 12

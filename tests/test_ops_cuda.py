@@ -38,6 +38,7 @@ from test_ops import (
     routed_preactivations,
     separated_problem,
     tied_problem,
+    wide_tied_problem,
 )
 
 HAS_GPU = torch.cuda.is_available()
@@ -373,18 +374,21 @@ def test_decode_is_one_launch():
     assert len(names) == 1 and "gather_sum_kernel" in names[0], names
 
 
+@pytest.mark.parametrize("k", [8, 40])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_encode_topk_launches_per_tile_not_per_expert_tile(dtype, gemm_path):
+def test_encode_topk_launches_per_tile_not_per_expert_tile(dtype, k, gemm_path):
     # 32 experts over 2 tiles: a loop of ~5 launches per (expert, tile) would take ~165.
-    shape = (256, 64, 32, 64, 8, 1, 128)  # (batch, d_in, n_experts, d_expert, k, n_active, tile_rows)
+    shape = (256, 64, 32, 64, k, 1, 128)  # (batch, d_in, n_experts, d_expert, k, n_active, tile_rows)
     n_tiles, n_experts = 2, 32
     p = to_cuda(make_problem(shape, dtype=dtype))
     order, offsets = OPS.dispatch(p["experts"], n_experts)
     names = kernels_launched(
         lambda: OPS.encode_topk(p["x"], p["W_enc"], p["b_enc"], p["b_dec"], order, offsets, 1, p["k"], shape[6])
     )
+    # k <= 32: one fused select kernel per tile; above, bias + at::topk + scatter.
+    per_tile = (["select_topk_kernel"] if k <= 32 else ["finish_preactivations_kernel", "scatter_topk_kernel"])
     for kernel, count in [("check_routing_kernel", 1), ("gather_centered_kernel", n_tiles),
-                          ("finish_preactivations_kernel", n_tiles), ("scatter_topk_kernel", n_tiles)]:
+                          *[(name, n_tiles) for name in per_tile]]:
         assert sum(kernel in name for name in names) == count, (kernel, names)
     # Our 3 per tile + a radix-select TopK (1-3) + GEMMs (at most 2 kernels each, one
     # GEMM per expert-tile intersection, <= n_experts + n_tiles - 1) + 2 output fills,
@@ -419,13 +423,26 @@ def test_exact_ties_match_cpu_kernel_bitwise(use_b_enc, dtype, gemm_path):
         assert torch.equal(got.cpu(), want)
 
 
-def test_exact_ties_in_wide_experts_match_cpu_kernel_bitwise():
-    # One expert of 32768 features and tiles of 4 rows: torch's multi-block radix select.
+@pytest.mark.parametrize("k", [64, 32])
+def test_exact_ties_in_wide_experts_match_cpu_kernel_bitwise(k):
+    # One expert of 32768 features and tiles of 4 rows: k = 64 takes torch's multi-block
+    # radix select, k = 32 the one-pass warp selection over 1024 chunks of 32 features.
     p = tied_problem(torch.float32)
     p.update(W_enc=torch.randint(-2, 3, (1, 32768, 8)).float(), b_enc=None, n_experts=1, n_active=1,
-             experts=torch.zeros(40, dtype=torch.int64), k=64, tile_rows=4)
+             experts=torch.zeros(40, dtype=torch.int64), k=k, tile_rows=4)
     for got, want in zip(encode(to_cuda(p)), encode(p)):
         assert torch.equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 5, 32, 61])
+@pytest.mark.parametrize("specials", ["none", "nan_and_inf", "nan_beyond_k"])
+def test_ties_nan_and_inf_match_cpu_kernel_bitwise(specials, k, dtype, gemm_path):
+    p = wide_tied_problem(dtype, specials, k)
+    got_values, got_indices = (t.cpu() for t in encode(to_cuda(p)))
+    want_values, want_indices = encode(p)
+    assert torch.equal(got_indices, want_indices)
+    torch.testing.assert_close(got_values, want_values, equal_nan=True, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------- bad input

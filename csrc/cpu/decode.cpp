@@ -7,10 +7,8 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
-#include <vector>
-
 #include "checks.h"
-#include "cpu/row_math.h"
+#include "cpu/gather_sum.h"
 
 namespace switch_sae {
 namespace {
@@ -22,23 +20,13 @@ template <typename scalar_t>
 void decode_kernel(const scalar_t* values, const int64_t* indices, const scalar_t* W_dec,
                    scalar_t* out, int64_t rows, int64_t k, int64_t d_sae, int64_t d_in) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(k * d_in, 1));
-  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    cpu::with_best_isa([&] {
-      std::vector<acc_t> acc(d_in);  // [d_in], one row at a time
-      for (int64_t r = begin; r < end; ++r) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t f = indices[r * k + j];
-          TORCH_CHECK(f >= 0 && f < d_sae, "switch_sae: indices[", r, ", ", j, "] = ", f,
-                      " is out of range [0, ", d_sae, ") (W_dec.size(0) = d_sae)");
-          cpu::axpy<scalar_t, acc_t>(acc.data(), static_cast<acc_t>(values[r * k + j]),
-                                     W_dec + f * d_in, d_in);
-        }
-        cpu::store<scalar_t, acc_t>(out + r * d_in, acc.data(), d_in);
-      }
-    });
-  });
+  // Checked up front, on the calling thread: the gather prefetches and reads rows ahead.
+  for (int64_t s = 0; s < rows * k; ++s) {
+    TORCH_CHECK(indices[s] >= 0 && indices[s] < d_sae, "switch_sae: indices[", s / k, ", ", s % k,
+                "] = ", indices[s], " is out of range [0, ", d_sae, ") (W_dec.size(0) = d_sae)");
+  }
+  cpu::gather_sum<scalar_t>(
+      indices, [&](int64_t s) { return static_cast<acc_t>(values[s]); }, W_dec, d_sae, out, rows, k, d_in);
 }
 
 // ---- launcher

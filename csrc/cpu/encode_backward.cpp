@@ -17,7 +17,8 @@
 
 #include "checks.h"
 #include "cpu/feature_groups.h"
-#include "cpu/row_math.h"
+#include "cpu/gather_sum.h"
+#include "cpu/huge_pages.h"
 
 namespace switch_sae {
 namespace {
@@ -32,24 +33,14 @@ void encode_backward_kernel(const std::vector<at::opmath_type<scalar_t>>& grad_p
                             const scalar_t* W_flat, const cpu::FeatureGroups& groups,
                             scalar_t* grad_x, scalar_t* grad_W_flat, scalar_t* grad_b_enc,
                             int64_t batch, int64_t n_active, int64_t k, int64_t d_in) {
-  using acc_t = at::opmath_type<scalar_t>;
   const int64_t per_token = n_active * k;  // entries of one token, contiguous
-  const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / std::max<int64_t>(per_token * d_in, 1));
-  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
-    cpu::with_best_isa([&] {
-      std::vector<acc_t> acc(d_in);  // [d_in], one token at a time
-      for (int64_t t = begin; t < end; ++t) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t s = t * per_token; s < (t + 1) * per_token; ++s) {
-          cpu::axpy<scalar_t, acc_t>(acc.data(), grad_pre[s], W_flat + indices[s] * d_in, d_in);
-        }
-        cpu::store<scalar_t, acc_t>(grad_x + t * d_in, acc.data(), d_in);
-      }
-    });
-  });
+  cpu::gather_sum<scalar_t>(
+      indices, [&](int64_t s) { return grad_pre[s]; }, W_flat, static_cast<int64_t>(groups.offsets.size()) - 1, grad_x, batch,
+      per_token, d_in);
   cpu::reduce_by_feature<scalar_t>(
       groups, d_in, grad_W_flat, grad_b_enc, [&](int64_t s) { return grad_pre[s]; },
-      [&](int64_t s) { return x_centered + (s / per_token) * d_in; });
+      [&](int64_t s) { return x_centered + (s / per_token) * d_in; },
+      /*on_slot=*/[](int64_t, int64_t, const scalar_t*) {}, /*feature_table=*/nullptr);
 }
 
 // ---- launcher
@@ -66,7 +57,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> encode_backward_cpu(
   // Rounded to x's dtype first, as the forward computed it.
   const at::Tensor x_centered = x - b_dec;  // [batch, d_in]
   at::Tensor grad_x = at::empty_like(x);                            // [batch, d_in]
-  at::Tensor grad_W_enc = at::empty_like(W_enc);                    // [n_experts, d_expert, d_in]
+  at::Tensor grad_W_enc = cpu::empty_on_huge_pages(W_enc.sizes(), W_enc.options());                    // [n_experts, d_expert, d_in]
   at::Tensor grad_b_enc = at::empty({n_experts, d_expert}, W_enc.options());  // [n_experts, d_expert]
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, values.scalar_type(), "encode_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;

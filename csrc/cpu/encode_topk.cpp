@@ -17,7 +17,8 @@
 //   another and the GEMM and the TopK use the intra-op thread pool themselves, which splits
 //   one big GEMM evenly where a few big items would not split evenly over threads.
 // Either way the cheap gather around them is a serial loop per item; the TopK (our own
-// selection, for its tie rule) is parallel over rows on the large-item path only.
+// one-pass selection, cpu/topk_select.h, for its tie rule and so that it reads each tile
+// right after its GEMM) is parallel over rows on the large-item path only.
 // (at::parallel_for only forks when the extension is compiled with OpenMP, as ATen is.)
 //
 // Memory: each parallel chunk (at most one per thread) owns scratch of at most
@@ -34,11 +35,11 @@
 #include <torch/extension.h>
 
 #include <algorithm>
-#include <numeric>
 #include <vector>
 
 #include "checks.h"
-#include "topk_rule.h"
+#include "cpu/row_math.h"
+#include "cpu/topk_select.h"
 
 namespace switch_sae {
 namespace {
@@ -86,43 +87,29 @@ void gather_centered(const scalar_t* x, const scalar_t* b_dec, const int64_t* to
   }
 }
 
-// Whether feature a of a pre-activation row comes before feature b in the TopK (the rule
-// of topk_rule.h).
-template <typename scalar_t>
-struct TopkPrecedes {
-  const scalar_t* row;  // [d_expert]
-  bool operator()(int64_t a, int64_t b) const {
-    using acc_t = at::opmath_type<scalar_t>;
-    return topk_precedes(static_cast<acc_t>(row[a]), a, static_cast<acc_t>(row[b]), b);
-  }
-};
-
-// For each of the n rows of pre [n, d_expert]: the top k features by TopkPrecedes,
-// in that order; values[pairs[i]] = ReLU(their values), indices[pairs[i]] =
-// first_feature + their local ids. Parallel over rows when called outside a parallel
-// region (the large-item path, where one tile can be 1024 x 65536); inline inside one.
+// For each of the n rows of pre [n, d_expert]: the top k features (topk_rule.h), best
+// first; values[pairs[i]] = ReLU(their values), indices[pairs[i]] = first_feature + their
+// local ids. Parallel over rows when called outside a parallel region (the large-item
+// path, where one tile can be 1024 x 65536); inline inside one, right after the GEMM
+// that wrote pre, while it is still in cache.
 template <typename scalar_t>
 void scatter_topk(const scalar_t* pre, int64_t n, int64_t d_expert, int64_t k,
                   const int64_t* pairs, int64_t first_feature, scalar_t* values,
                   int64_t* indices) {
   const int64_t grain = std::max<int64_t>(1, at::internal::GRAIN_SIZE / d_expert);
   at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> candidates(d_expert);  // [d_expert] local feature ids
-    for (int64_t i = begin; i < end; ++i) {
-      const scalar_t* row = pre + i * d_expert;
-      const TopkPrecedes<scalar_t> precedes{row};
-      std::iota(candidates.begin(), candidates.end(), int64_t{0});
-      // Partition off the k first (linear time), then order them (k log k).
-      std::nth_element(candidates.begin(), candidates.begin() + (k - 1), candidates.end(),
-                       precedes);
-      std::sort(candidates.begin(), candidates.begin() + k, precedes);
-      for (int64_t j = 0; j < k; ++j) {
-        const scalar_t v = row[candidates[j]];
-        // ReLU as at::relu: NaN propagates.
-        values[pairs[i] * k + j] = (v > scalar_t(0) || at::_isnan(v)) ? v : scalar_t(0);
-        indices[pairs[i] * k + j] = first_feature + candidates[j];
+    cpu::with_best_isa([&] {
+      cpu::RowTopk<scalar_t> topk(k);
+      for (int64_t i = begin; i < end; ++i) {
+        topk.select(pre + i * d_expert, d_expert);
+        for (int64_t j = 0; j < k; ++j) {
+          const auto v = static_cast<scalar_t>(topk.value(j));  // exact: it came from scalar_t
+          // ReLU as at::relu: NaN propagates.
+          values[pairs[i] * k + j] = (v > scalar_t(0) || at::_isnan(v)) ? v : scalar_t(0);
+          indices[pairs[i] * k + j] = first_feature + topk.id(j);
+        }
       }
-    }
+    });
   });
 }
 

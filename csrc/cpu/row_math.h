@@ -14,6 +14,10 @@
 #include <ATen/OpMathType.h>
 
 #include <cstdint>
+#include <type_traits>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 namespace switch_sae::cpu {
 
@@ -51,20 +55,24 @@ inline void axpy(acc_t* __restrict__ acc, acc_t scale, const scalar_t* __restric
   }
 }
 
-// <a, b> accumulated in acc_t. kLanes independent partial sums let the compiler
+// Partial sums of dot(): 32 lanes are four independent AVX2 (two AVX-512) accumulators,
+// so the adds overlap instead of waiting on one register's latency (with a single
+// accumulator a 512-long dot is latency-bound, not bandwidth-bound).
+constexpr int64_t kDotLanes = 32;
+
+// <a, b> accumulated in acc_t. kDotLanes independent partial sums let the compiler
 // vectorise the reduction without -ffast-math, in an order fixed by n alone.
 template <typename scalar_t, typename acc_t>
 inline acc_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b, int64_t n) {
-  constexpr int64_t kLanes = 8;
-  acc_t partial[kLanes] = {};
+  acc_t partial[kDotLanes] = {};
   int64_t d = 0;
-  for (; d + kLanes <= n; d += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) {
+  for (; d + kDotLanes <= n; d += kDotLanes) {
+    for (int64_t l = 0; l < kDotLanes; ++l) {
       partial[l] += static_cast<acc_t>(a[d + l]) * static_cast<acc_t>(b[d + l]);
     }
   }
   acc_t sum = 0;
-  for (int64_t l = 0; l < kLanes; ++l) {
+  for (int64_t l = 0; l < kDotLanes; ++l) {
     sum += partial[l];
   }
   for (; d < n; ++d) {
@@ -73,12 +81,53 @@ inline acc_t dot(const scalar_t* __restrict__ a, const scalar_t* __restrict__ b,
   return sum;
 }
 
+// Hints the CPU to start loading bytes [p, p + n_bytes) into cache. The gather-sums
+// read rows at addresses known ahead (from the indices) but random to the hardware
+// prefetcher, so without this each row's first lines wait a full memory latency.
+inline void prefetch(const void* p, int64_t n_bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < n_bytes; b += 64) {
+    __builtin_prefetch(c + b);
+  }
+}
+
 // out[0:n] = acc[0:n], rounded to the output type.
 template <typename scalar_t, typename acc_t>
 inline void store(scalar_t* __restrict__ out, const acc_t* __restrict__ acc, int64_t n) {
   for (int64_t d = 0; d < n; ++d) {
     out[d] = static_cast<scalar_t>(acc[d]);
   }
+}
+
+// store() for rows written once and not read again by the op (the per-feature gradient
+// rows, d_sae * d_in in all): float32 rows go out with non-temporal stores, which skip
+// reading each line into cache before overwriting it (a third of such a row's memory
+// traffic). Other types, or a row not 16-byte aligned, use store(). Call stream_fence()
+// before the thread's streamed rows may be read.
+template <typename scalar_t, typename acc_t>
+inline void store_streaming(scalar_t* __restrict__ out, const acc_t* __restrict__ acc, int64_t n) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<scalar_t, float> && std::is_same_v<acc_t, float>) {
+    if (reinterpret_cast<uintptr_t>(out) % 16 == 0) {
+      int64_t d = 0;
+      for (; d + 4 <= n; d += 4) {
+        _mm_stream_ps(out + d, _mm_loadu_ps(acc + d));
+      }
+      for (; d < n; ++d) {
+        out[d] = acc[d];
+      }
+      return;
+    }
+  }
+#endif
+  store<scalar_t, acc_t>(out, acc, n);
+}
+
+// Orders this thread's streamed stores before its later stores (and its chunk's end).
+inline void stream_fence() {
+#if defined(__x86_64__)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace switch_sae::cpu

@@ -106,11 +106,16 @@ void gather_sum_out(at::Tensor& out, const at::Tensor& weights, const at::Tensor
 //            the difference is rounded to src's dtype first, as (x - b_dec) is in the
 //            reference)
 //   bias_out[f] = sum over its slots of slot_weight(...)   (if bias_out is defined)
+//   dot_out[s] = <src[s / src_div], dot_table[f]>, for each slot s of key f (if dot_out
+//            is defined; center must then be undefined): decode_backward's grad_values,
+//            formed while the slot's source row is loaded and reading each table row once
 // out [n_keys, d_in], src [*, d_in], center [d_in] or undefined, bias_out [n_keys] or
-// undefined. Every row of out is written (zeros for keys without slots).
+// undefined, dot_table [n_keys, d_in] and dot_out [n_slots] (any shape) both or neither.
+// Every row of out is written (zeros for keys without slots).
 void feature_sum_out(at::Tensor& out, at::Tensor& bias_out, const at::Tensor& perm,
                      const at::Tensor& bin_offsets, const at::Tensor& weights,
                      const at::Tensor& mask, const at::Tensor& src, const at::Tensor& center,
-                     int64_t src_div);
+                     int64_t src_div, const at::Tensor& dot_table = at::Tensor(),
+                     const at::Tensor& dot_out = at::Tensor());
 
 }  // namespace switch_sae::cuda

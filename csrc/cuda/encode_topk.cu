@@ -5,8 +5,9 @@
 // ReLU, scatter).
 //
 // Both GEMM paths walk tiles of tile_rows consecutive sorted positions, which may span
-// several experts; per tile: gather, GEMM into the tile's pre-activations, one bias
-// kernel, one at::topk, one rank-and-scatter kernel. They differ only in the GEMM:
+// several experts; per tile: gather, GEMM into the tile's pre-activations, then for
+// k <= 32 one fused kernel (bias, one-pass warp TopK, ReLU, scatter), for larger k one
+// bias kernel, one at::topk, one rank-and-scatter kernel. They differ only in the GEMM:
 //   grouped (no host sync): one at::_grouped_mm per tile, with every tile's group ends
 //     (offsets clamped to the tile, int32) computed on the device by one kernel per
 //     call. Used where torch's fast CUTLASS kernel runs: bf16 on compute capability
@@ -19,8 +20,8 @@
 //     fp32 (the default training dtype: torch has no grouped fp32/TF32 GEMM without a
 //     host sync), fp16, fp64, other GPUs, and whenever SWITCH_SAE_DISABLE_GROUPED_MM=1
 //     (so GPU tests can run both paths on one device).
-// Launches per call: 4 per tile (gather, bias, TopK (one radix-select kernel for
-// d_expert below ~10^4, a few above), scatter) plus, grouped, one GEMM per tile and one
+// Launches per call: 2 per tile for k <= 32 (gather, select), else 4 (gather, bias, TopK
+// (one radix-select kernel for d_expert below ~10^4, a few above), scatter) plus, grouped, one GEMM per tile and one
 // tile-ends kernel; per expert, one GEMM per (expert, tile) intersection, at most
 // n_experts + n_tiles - 1 of them. Plus the routing check and two output fills.
 // Either way at most tile_rows x d_expert pre-activations exist at once: no
@@ -38,17 +39,22 @@
 //   gather_centered_kernel: one block per tile row, threads over d_in.
 //   finish_preactivations_kernel: one block per tile row (pre may have a padded row
 //     stride), threads over d_expert.
+//   select_topk_kernel (k <= 32): one warp per tile row, 8 rows per block.
 //   scatter_topk_kernel: one thread per element of the [n, k] TopK result; each ranks
 //     its value among the row's k (O(k) compares, from L1).
 // Memory traffic per tile of n rows: gather reads n * d_in x elements + n order ids and
 // writes n * d_in; the GEMM reads the tile and d_expert * d_in W_enc elements per expert
-// it spans, writes n * d_expert; TopK reads n * d_expert a few times (radix passes);
-// bias reads/writes n * d_expert; scatter moves n * k values and ids (n * k^2 compares).
-// In all about rows * (2 d_in + ~4 d_expert) elements + (n_tiles + n_experts) * d_expert
-// * d_in weights, against rows * d_expert * d_in multiply-adds.
+// it spans, writes n * d_expert; for k <= 32 the fused selection reads n * d_expert once
+// (plus the bias rows, from L2) and writes n * k values and ids. For larger k, TopK reads
+// n * d_expert a few times (radix passes), bias reads/writes n * d_expert, scatter moves
+// n * k values and ids (n * k^2 compares). In all about rows * (2 d_in + d_expert)
+// elements for k <= 32 (rows * (2 d_in + ~4 d_expert) above) + (n_tiles + n_experts) *
+// d_expert * d_in weights, against rows * d_expert * d_in multiply-adds.
 #include "common.cuh"
 #include "topk_rule.h"
 
+#include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -170,6 +176,82 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The TopK of k <= 32 in one pass over a tile's pre-activations, fused with the bias,
+// ReLU and scatter (the GPU form of the CPU kernel's streaming selection,
+// csrc/cpu/topk_select.h). One warp per tile row: lane j holds the j-th best
+// (value, local id) so far, sorted by the TopK rule. The row is read 32 features at a
+// time; one ballot finds the features that beat the current k-th best, and each such
+// feature (in id order) is inserted with a ballot for its place and one shuffle that
+// moves the entries after it down a lane. On random rows about k * ln(d_expert / k)
+// features are ever inserted, so the pass costs about one coalesced read of the row.
+// (-inf, INT64_MAX) fills the list at first: every feature, -inf included, precedes it.
+// Then values[pair, j] = ReLU(j-th value) (NaN stays NaN, -0.0 becomes +0.0, as on the
+// CPU), indices[pair, j] = e * d_expert + its id, for pair = order[start + r].
+constexpr int64_t kMaxWarpTopk = kWarp;
+
+template <typename scalar_t>
+__global__ void __launch_bounds__(kThreads)
+    select_topk_kernel(const scalar_t* __restrict__ pre, int64_t ld, int64_t n, int64_t d_expert,
+                       const scalar_t* __restrict__ b_enc, const int64_t* __restrict__ order,
+                       const int64_t* __restrict__ offsets, int64_t n_experts, int64_t start,
+                       int64_t k, int64_t rows, scalar_t* __restrict__ values,
+                       int64_t* __restrict__ indices) {
+  using acc = acc_t<scalar_t>;
+  constexpr unsigned int kAll = 0xffffffffu;
+  const int lane = threadIdx.x % kWarp;
+  const int64_t warps_per_block = blockDim.x / kWarp;
+  const int64_t n_warps = int64_t{gridDim.x} * warps_per_block;
+  for (int64_t r = int64_t{blockIdx.x} * warps_per_block + threadIdx.x / kWarp; r < n; r += n_warps) {
+    const int64_t e = expert_of_position(offsets, n_experts, start + r);
+    const scalar_t* row = pre + r * ld;
+    const scalar_t* bias = b_enc == nullptr ? nullptr : b_enc + e * d_expert;
+    acc held_v = static_cast<acc>(-INFINITY);  // this lane's entry of the sorted list
+    int64_t held_id = INT64_MAX;
+    acc bar_v = held_v;  // the k-th best so far (lane k - 1's entry), warp-uniform
+    int64_t bar_id = held_id;
+    for (int64_t base = 0; base < d_expert; base += kWarp) {  // warp-uniform bounds
+      const int64_t c = base + lane;
+      acc v = acc(0);
+      bool beats = false;
+      if (c < d_expert) {
+        v = static_cast<acc>(row[c]);
+        if (bias != nullptr) {
+          // Rounded to scalar_t like the reference's pre + b_enc[e].
+          v = static_cast<acc>(static_cast<scalar_t>(v + static_cast<acc>(bias[c])));
+        }
+        beats = topk_precedes(v, c, bar_v, bar_id);
+      }
+      for (unsigned int pending = __ballot_sync(kAll, beats); pending != 0; pending &= pending - 1) {
+        const int src = __ffs(pending) - 1;
+        const acc cand_v = __shfl_sync(kAll, v, src);
+        const int64_t cand_id = base + src;
+        // Re-tested against the bar raised by this chunk's earlier insertions (uniform).
+        if (!topk_precedes(cand_v, cand_id, bar_v, bar_id)) {
+          continue;
+        }
+        const bool before = lane < k && topk_precedes(held_v, held_id, cand_v, cand_id);
+        const int place = __popc(__ballot_sync(kAll, before));  // < k: it beats the bar
+        const acc up_v = __shfl_up_sync(kAll, held_v, 1);
+        const int64_t up_id = __shfl_up_sync(kAll, held_id, 1);
+        if (lane == place) {
+          held_v = cand_v;
+          held_id = cand_id;
+        } else if (lane > place) {
+          held_v = up_v;
+          held_id = up_id;
+        }
+        bar_v = __shfl_sync(kAll, held_v, static_cast<int>(k - 1));
+        bar_id = __shfl_sync(kAll, held_id, static_cast<int>(k - 1));
+      }
+    }
+    const int64_t pair = order[start + r];
+    if (lane < k && pair >= 0 && pair < rows) {  // a bad pair is asserted by the gather
+      values[pair * k + lane] = held_v > acc(0) || held_v != held_v ? static_cast<scalar_t>(held_v) : scalar_t(0);
+      indices[pair * k + lane] = e * d_expert + held_id;
+    }
+  }
+}
+
 // Everything encode_topk needs, so the two GEMM paths share one tile loop.
 struct EncodeArgs {
   const at::Tensor& x;                  // [batch, d_in]
@@ -204,6 +286,19 @@ void finish_tile(const EncodeArgs& a, at::Tensor& pre, int64_t start) {
   const int64_t n_experts = a.W_enc.size(0);
   TORCH_INTERNAL_ASSERT(pre.stride(1) == 1, "switch_sae: GEMM output must have unit column stride");
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (a.k <= kMaxWarpTopk) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kBFloat16, at::kHalf, pre.scalar_type(), "switch_sae_select_topk", [&] {
+          select_topk_kernel<scalar_t><<<grid_for(n, kThreads / kWarp), kThreads, 0, stream>>>(
+              pre.data_ptr<scalar_t>(), pre.stride(0), n, d_expert,
+              a.b_enc.has_value() ? a.b_enc->data_ptr<scalar_t>() : nullptr,
+              a.order.data_ptr<int64_t>(), a.offsets.data_ptr<int64_t>(), n_experts, start, a.k,
+              a.order.size(0), a.values.data_ptr<scalar_t>(), a.indices.data_ptr<int64_t>());
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+    return;
+  }
+  // k > 32: bias, at::topk's radix select, rank and scatter.
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kBFloat16, at::kHalf, pre.scalar_type(), "switch_sae_finish_preactivations", [&] {
         finish_preactivations_kernel<scalar_t><<<grid_for(n, 1), kThreads, 0, stream>>>(
