@@ -62,12 +62,14 @@ else:
 """
 
 
-@functools.cache  # each build hook runs in its own process: the answer cannot change within one
 def installed_torch() -> dict | None:
     """``{"site", "version"}`` of the torch the installing interpreter imports, or None."""
-    done = subprocess.run(
-        [sys.executable, "-E", "-c", _FIND_TORCH], capture_output=True, text=True, check=True
-    )
+    return _torch_of(sys.executable)
+
+
+@functools.cache  # each build hook runs in its own process: one interpreter start per hook
+def _torch_of(python: str) -> dict | None:
+    done = subprocess.run([python, "-E", "-c", _FIND_TORCH], capture_output=True, text=True, check=True)
     return json.loads(done.stdout)
 
 
