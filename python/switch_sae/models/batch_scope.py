@@ -36,11 +36,11 @@ class BatchScope:
 
     def sum(self, t: Tensor) -> Tensor:
         """``t`` (detached) summed over every process holding part of the batch."""
-        return t
+        return t.detach()
 
     def min(self, t: Tensor) -> Tensor:
         """Elementwise minimum of ``t`` (detached) over the processes."""
-        return t
+        return t.detach()
 
     def largest(self, t: Tensor, n: int) -> Tensor:
         """The ``n`` largest entries of the 1-D ``t`` concatenated over the processes (unsorted)."""
