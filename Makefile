@@ -56,7 +56,7 @@ test: install $(if $(NVCC),$(CUDA_VENV)/bin/python)
 # Plain `pip install <checkout>` in new venvs (empty; with the CPU torch; with the CUDA torch
 # where nvcc exists), `python -m build`'s sdist and wheel, and a CUDA torch built without
 # CUDA kernels: each compiles the extension afresh, minutes apiece, so apart from
-# `make test` (and not yet in CI).
+# `make test`; CI runs both.
 test-install: install $(if $(NVCC),$(CUDA_VENV)/bin/python)
 	$(if $(NVCC),SWITCH_SAE_CUDA_PYTHON=$(CURDIR)/$(CUDA_VENV)/bin/python) \
 	$(PY) -m pytest tests/test_install.py tests/test_cuda_build.py -m install --durations=0 -rP

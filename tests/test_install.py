@@ -25,6 +25,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import venv
 from pathlib import Path
@@ -108,8 +109,15 @@ def pip(venv_dir: Path, *args: str, cwd: Path) -> float:
     start = time.monotonic()
     done = run([venv_dir / "bin" / "pip", *args], cwd=cwd, env=user_env(venv_dir))
     seconds = time.monotonic() - start
-    assert done.returncode == 0, f"pip {' '.join(args)} failed:\n{(done.stdout + done.stderr)[-8000:]}"
+    assert done.returncode == 0, (f"pip {' '.join(args)} failed ({free_disk(cwd)}):\n"
+                                  f"{(done.stdout + done.stderr)[-8000:]}")
     return seconds
+
+
+def free_disk(folder: Path) -> str:
+    """Free space where the venvs live and where pip unpacks: each CUDA torch takes ~5.5 GB."""
+    places = {folder, Path(tempfile.gettempdir())}
+    return ", ".join(f"{shutil.disk_usage(p).free / 2**30:.1f} GiB free in {p}" for p in sorted(places))
 
 
 def checkout(folder: Path) -> Path:
@@ -138,6 +146,7 @@ def assert_built_for_own_torch(facts: dict, venv_dir: Path) -> None:
 @pytest.fixture
 def scratch(tmp_path):
     """A temporary folder removed afterwards: its venvs hold GBs (pytest keeps old tmp_path folders)."""
+    print(f"\nbefore: {free_disk(tmp_path)}")
     yield tmp_path
     shutil.rmtree(tmp_path, ignore_errors=True)
 
