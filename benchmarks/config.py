@@ -8,6 +8,7 @@ seconds, for smoke tests. What it leaves out: running anything (``runner.py``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from switch_sae.utils.checks import check_int_fields
 
@@ -54,6 +55,8 @@ class BenchConfig:
     """Seed for weights and inputs."""
     threads: int = 0
     """torch threads for every case (0 keeps torch's default, one per core)."""
+    malloc: str = ""
+    """A malloc library to preload (LD_PRELOAD) into every case's process, e.g. Debian's /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4: unlike glibc's malloc it keeps freed gradient buffers for the next call, so they are not zeroed again page by page. Empty keeps the environment's malloc."""
 
     def __post_init__(self) -> None:
         check_int_fields(self, "d_in", "d_sae", "batch", "k", "repeats", "validate_batch")
@@ -61,6 +64,10 @@ class BenchConfig:
             raise ValueError(f"threads must be zero (torch's default) or more, got {self.threads!r}")
         if self.warmup < 0:
             raise ValueError(f"warmup must be zero or more, got {self.warmup!r}")
+        if self.malloc and not self.subprocess:
+            raise ValueError("malloc is preloaded into each case's process: it needs subprocess=True")
+        if self.malloc and not Path(self.malloc).is_file():
+            raise ValueError(f"malloc={self.malloc!r} is not a file (give the path of a shared library)")
         if self.max_seconds <= 0:
             raise ValueError(f"max_seconds must be positive, got {self.max_seconds!r}")
         self.n_experts = tuple(self.n_experts)

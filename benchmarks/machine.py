@@ -29,7 +29,7 @@ def cpu_model() -> str:
 
 
 def machine() -> dict:
-    """CPU model, logical cores, torch threads, memory, OS and CPU ISA torch dispatches to."""
+    """CPU model, logical cores, torch threads, memory, OS, CPU ISA torch dispatches to, malloc."""
     try:
         mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
@@ -42,6 +42,9 @@ def machine() -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "platform": platform.platform(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        # A preloaded malloc (jemalloc, tcmalloc) keeps freed gradient buffers for the next
+        # step instead of returning them to the kernel, which zeroes fresh pages.
+        "malloc": os.environ.get("LD_PRELOAD") or "glibc",
     }
 
 

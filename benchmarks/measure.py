@@ -11,8 +11,10 @@ resident set just before it, after freed heap pages have been returned to the OS
 optimiser state, inputs, and the previous step's gradients, which a step frees with
 ``zero_grad(set_to_none=True)`` before making new ones), and ``resting_mb`` is that
 resting state. It is
-exact only when the case runs alone in its process, which the runner does by default.
-Linux only; elsewhere the memory fields are None.
+exact only when the case runs alone in its process, which the runner does by default,
+and only under glibc's malloc: a preloaded one (tcmalloc, jemalloc) keeps freed buffers
+resident for reuse, so the high-water mark no longer shows one call's transient memory
+and ``peak_mb`` is None. Linux only; elsewhere the memory fields are None.
 
 What it leaves out: which functions are measured (``cases_*.py``).
 """
@@ -20,6 +22,7 @@ What it leaves out: which functions are measured (``cases_*.py``).
 from __future__ import annotations
 
 import ctypes
+import os
 import re
 import statistics
 import time
@@ -103,6 +106,8 @@ def peak_memory(fn: Callable[[], object]) -> dict:
     """``peak_mb`` (above resting) and ``resting_mb`` of one call of ``fn``, or None values."""
     if not _STATUS.exists():
         return {"peak_mb": None, "resting_mb": None}
+    if "malloc" in os.environ.get("LD_PRELOAD", ""):  # libtcmalloc, libjemalloc: see the module docstring
+        return {"peak_mb": None, "resting_mb": _status_kb("VmRSS") / 1024}
     _trim_heap()
     resting = _status_kb("VmRSS")
     try:

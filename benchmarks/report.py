@@ -35,6 +35,15 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a / b
 
 
+def step_peak_mb(records: list[dict], name: str, n_experts: int, batch: int) -> float | None:
+    """Peak MB of one step of ``name`` at this batch: from the timed case or the memory sweep,
+    whichever measured it (the sweep always does: it runs under glibc's malloc, measure.py)."""
+    peaks = [r["peak_mb"] for r in records
+             if r.get("status") == "ok" and r["name"] == name and r.get("n_experts") == n_experts
+             and r.get("batch") == batch and r.get("variant") in (None, "memory_sweep") and r.get("peak_mb") is not None]
+    return peaks[-1] if peaks else None
+
+
 def ratios(records: list[dict]) -> list[dict]:
     """One row per expert count: our step time against every alternative."""
     rows = []
@@ -53,8 +62,8 @@ def ratios(records: list[dict]) -> list[dict]:
             "step_over_gemm": _ratio(_ms(ours), _ms(gemm)),
             "roofline_ms": ours and ours.get("roofline_ms"),
             "step_over_roofline": ours and ours.get("roofline_ratio"),
-            "switch_sae_peak_mb": ours and ours.get("peak_mb"),
-            "dense_mask_peak_mb": dense and dense.get("peak_mb"),
+            "switch_sae_peak_mb": ours and step_peak_mb(records, "switch_sae", n, ours["batch"]),
+            "dense_mask_peak_mb": dense and step_peak_mb(records, "dense_mask_reference", n, dense["batch"]),
         }
         for peer in ("saelens_topk", "dictlearning_topk"):
             row[f"speedup_vs_{peer}_width"] = _ratio(_ms(find(records, peer, None, "width_matched")), _ms(ours))
@@ -121,12 +130,9 @@ def memory_table(records: list[dict]) -> str:
     lines = [f"| batch (n_experts = {n}) | switch_sae peak MB | dense-and-mask peak MB | switch_sae param MB |",
              "|---|---|---|---|"]
     for b in batches:
-        peak = {}
-        for r in steps:
-            if r["n_experts"] == n and r["batch"] == b and r.get("variant") in (None, "memory_sweep"):
-                peak[r["name"]] = r
-        ours, dense = peak.get("switch_sae"), peak.get("dense_mask_reference")
-        lines.append(f"| {b} | {fmt(ours and ours.get('peak_mb'), '.0f')} | {fmt(dense and dense.get('peak_mb'), '.0f')} "
+        ours = next((r for r in steps if r["name"] == "switch_sae" and r["n_experts"] == n and r["batch"] == b), None)
+        lines.append(f"| {b} | {fmt(step_peak_mb(records, 'switch_sae', n, b), '.0f')} "
+                     f"| {fmt(step_peak_mb(records, 'dense_mask_reference', n, b), '.0f')} "
                      f"| {fmt(ours and ours.get('param_mb'), '.0f')} |")
     return "\n".join(lines)
 
@@ -137,7 +143,8 @@ def machine_line(records: list[dict]) -> str:
         return ""
     m, v = records[0]["machine"], records[0]["versions"]
     return (f"{m['cpu']}, {m['logical_cores']} logical cores, {m['torch_threads']} torch threads, "
-            f"{m['memory_gb']} GB, {m['cpu_capability']}; torch {v['torch']}, switch_sae {v['switch_sae']} "
+            f"{m['memory_gb']} GB, {m['cpu_capability']}, malloc {m.get('malloc', 'glibc')}; "
+            f"torch {v['torch']}, switch_sae {v['switch_sae']} "
             f"(compiled ops: {v['switch_sae_extension']})")
 
 

@@ -49,10 +49,15 @@ def plan(cfg: BenchConfig) -> list[dict]:
                     specs.append({**common, "family": "train", "name": impl, "impl": impl,
                                   "variant": "flop_matched", "n_experts": n, "d_sae": cfg.d_sae // n})
     if "memory" in cfg.cases:
-        for batch in (cfg.batch // 4, cfg.batch // 2):  # the full batch is a "train" case already
+        # The full batch is a "train" case already, but under a preloaded malloc that case
+        # cannot see its peak (measure.py): then the sweep measures it, at every n_experts.
+        sweep = [(batch, max(cfg.n_experts)) for batch in (cfg.batch // 4, cfg.batch // 2)]
+        if cfg.malloc:
+            sweep += [(cfg.batch, n) for n in cfg.n_experts]
+        for batch, n in sweep:
             for impl in ("switch_sae", "dense_mask_reference"):
                 specs.append({**common, "family": "train", "name": impl, "impl": impl, "variant": "memory_sweep",
-                              "n_experts": max(cfg.n_experts), "batch": batch, "warmup": 1, "repeats": 1,
+                              "n_experts": n, "batch": batch, "warmup": 1, "repeats": 1,
                               "validate_batch": min(cfg.validate_batch, batch)})
     for family in ("gemm", "ops", "optimiser", "harvest"):
         if family in cfg.cases:
@@ -64,11 +69,14 @@ def peer_path(cfg: BenchConfig) -> str:
     return cfg.peer_path or os.environ.get("SWITCH_SAE_BENCH_PEERS", "")
 
 
-def run_in_subprocess(spec: dict, extra_path: str) -> list[dict]:
-    """Run ``spec`` in a fresh interpreter that imports these same benchmarks and switch_sae."""
+def run_in_subprocess(spec: dict, extra_path: str, malloc: str = "") -> list[dict]:
+    """Run ``spec`` in a fresh interpreter that imports these same benchmarks and switch_sae
+    (with ``malloc`` preloaded, when given)."""
     roots = (str(Path(__file__).resolve().parents[1]), str(Path(switch_sae.__file__).resolve().parents[1]))
     paths = [p for p in (extra_path, *roots, os.environ.get("PYTHONPATH", "")) if p]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    if malloc:
+        env["LD_PRELOAD"] = malloc
     proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(spec)],
                           capture_output=True, text=True, env=env, timeout=CASE_TIMEOUT_S)
     for line in reversed(proc.stdout.splitlines()):
@@ -88,7 +96,9 @@ def run(cfg: BenchConfig, *, echo=print) -> list[dict]:
         echo(f"[{i}/{len(specs)}] {label}")
         if cfg.subprocess:
             extra = peer_path(cfg) if spec.get("impl") in PEERS else ""
-            new = run_in_subprocess(spec, extra)
+            # The memory sweep measures transient memory, which only glibc's malloc shows.
+            malloc = "" if spec.get("variant") == "memory_sweep" else cfg.malloc
+            new = run_in_subprocess(spec, extra, malloc)
         else:
             new = run_case(spec)
         for r in new:

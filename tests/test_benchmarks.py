@@ -118,3 +118,33 @@ def test_step_case_plans_our_step_alone():
     assert [s["family"] for s in specs if s["family"] != "train"] == ["gemm", "ops"]
     both = plan(BenchConfig(n_experts=(16,), cases=("train", "step"), peers=False))
     assert [s["name"] for s in both] == ["switch_sae", "dense_mask_reference"]  # "train" already holds our step
+
+
+def test_a_preloaded_malloc_is_checked_planned_and_kept_out_of_memory_peaks(tmp_path, monkeypatch):
+    from benchmarks.measure import peak_memory
+    from benchmarks.report import step_peak_mb
+    from benchmarks.runner import plan
+
+    with pytest.raises(ValueError, match="not a file"):
+        BenchConfig(malloc=str(tmp_path / "libnone.so"))
+    library = tmp_path / "libtcmalloc_minimal.so.4"
+    library.write_bytes(b"")
+    with pytest.raises(ValueError, match="subprocess"):
+        BenchConfig(malloc=str(library), subprocess=False)
+    # Under a preloaded malloc the timed steps cannot see their peak: the memory sweep then
+    # also runs the full batch, at every n_experts.
+    cfg = BenchConfig(n_experts=(16, 64), cases=("memory",), malloc=str(library))
+    assert sorted((s["batch"], s["n_experts"]) for s in plan(cfg) if s["name"] == "switch_sae") == [
+        (1024, 64), (2048, 64), (4096, 16), (4096, 64)]
+    assert len(plan(BenchConfig(n_experts=(16, 64), cases=("memory",)))) == 4  # glibc: half and quarter batch
+
+    x = torch.randn(1 << 18)
+    assert peak_memory(lambda: x * 2)["peak_mb"] is not None
+    monkeypatch.setenv("LD_PRELOAD", str(library))
+    measured = peak_memory(lambda: x * 2)
+    assert measured["peak_mb"] is None and measured["resting_mb"] > 0
+
+    timed = {"status": "ok", "name": "switch_sae", "n_experts": 64, "batch": 4096, "variant": None, "peak_mb": None}
+    swept = {**timed, "variant": "memory_sweep", "peak_mb": 70.0}
+    assert step_peak_mb([timed, swept], "switch_sae", 64, 4096) == 70.0
+    assert step_peak_mb([timed], "switch_sae", 64, 4096) is None

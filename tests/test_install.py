@@ -116,8 +116,8 @@ def pip(venv_dir: Path, *args: str, cwd: Path) -> float:
 
 def free_disk(folder: Path) -> str:
     """Free space where the venvs live and where pip unpacks: each CUDA torch takes ~5.5 GB."""
-    places = {folder, Path(tempfile.gettempdir())}
-    return ", ".join(f"{shutil.disk_usage(p).free / 2**30:.1f} GiB free in {p}" for p in sorted(places))
+    places = {os.stat(p).st_dev: p for p in (Path(tempfile.gettempdir()), folder)}  # one per disk
+    return ", ".join(f"{shutil.disk_usage(p).free / 2**30:.1f} GiB free in {p}" for p in places.values())
 
 
 def checkout(folder: Path) -> Path:
