@@ -80,8 +80,12 @@ test-asan: install
 	$(ASAN_ENV) $(PY) -c "import switch_sae._C as c; assert '$(ASAN_DIR)/site' in c.__file__, c.__file__"
 	$(ASAN_ENV) $(PY) -m pytest tests/test_ops.py tests/test_fuzz_ops.py -p no:cacheprovider
 
+# With tcmalloc preloaded where Debian's libtcmalloc-minimal4 is installed: CPU steps reuse
+# freed gradient buffers instead of having the kernel zero fresh pages (README, Benchmarks).
+TCMALLOC := $(wildcard /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4)
+
 bench: install
-	$(VENV)/bin/switch-sae bench
+	$(VENV)/bin/switch-sae bench $(if $(TCMALLOC),--malloc $(TCMALLOC))
 
 clean:
 	rm -rf build $(VENV) $(CUDA_VENV)
