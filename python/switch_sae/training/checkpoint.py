@@ -153,7 +153,7 @@ def digests(folder: Path, prefix: str = "") -> dict[str, str]:
 def publish(root: str | Path, step: int, files: dict[str, str], keep: int, world_size: int | None = None) -> Path:
     """Write the manifest of the staged checkpoint ``step`` (``files``: its digests; ``world_size``:
     how many processes wrote a ``rank_*`` folder each, None for one checkpoint), rename it into
-    place and keep only the ``keep`` newest checkpoints."""
+    place, keep only the ``keep`` newest checkpoints and remove what crashed saves left."""
     root = Path(root)
     staging, final = staging_folder(root, step), root / step_folder(step)
     manifest = {"format": FORMAT, "step": step, "files": files}
@@ -163,6 +163,10 @@ def publish(root: str | Path, step: int, files: dict[str, str], keep: int, world
     install_folder(staging, final)  # replaces a re-saved step (e.g. Ctrl-C right after a periodic save)
     for stale in checkpoints(root)[:-keep]:
         shutil.rmtree(stale)
+    # Hidden folders of other steps are what a crash mid-save left (staged, or set aside by
+    # install_folder); no one else writes here while this run does.
+    for debris in (*root.glob(".step_*.tmp"), *root.glob(".step_*.old")):
+        shutil.rmtree(debris, ignore_errors=True)
     return final
 
 
