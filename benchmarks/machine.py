@@ -42,10 +42,15 @@ def machine() -> dict:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "platform": platform.platform(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        # A preloaded malloc (jemalloc, tcmalloc) keeps freed gradient buffers for the next
-        # step instead of returning them to the kernel, which zeroes fresh pages.
-        "malloc": os.environ.get("LD_PRELOAD") or "glibc",
+        "malloc": preloaded_malloc() or "glibc",
     }
+
+
+def preloaded_malloc() -> str | None:
+    """The malloc library preloaded into this process (tcmalloc, jemalloc), if any. It keeps
+    freed gradient buffers for the next step instead of returning them to the kernel, which
+    zeroes fresh pages; it also hides a call's transient memory (measure.peak_memory)."""
+    return next((lib for lib in os.environ.get("LD_PRELOAD", "").split(":") if "malloc" in Path(lib).name), None)
 
 
 def dist_version(name: str) -> str | None:

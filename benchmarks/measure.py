@@ -22,7 +22,6 @@ What it leaves out: which functions are measured (``cases_*.py``).
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 import statistics
 import time
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from .machine import preloaded_malloc
 
 
 class ValidationError(AssertionError):
@@ -106,7 +107,7 @@ def peak_memory(fn: Callable[[], object]) -> dict:
     """``peak_mb`` (above resting) and ``resting_mb`` of one call of ``fn``, or None values."""
     if not _STATUS.exists():
         return {"peak_mb": None, "resting_mb": None}
-    if "malloc" in os.environ.get("LD_PRELOAD", ""):  # libtcmalloc, libjemalloc: see the module docstring
+    if preloaded_malloc():  # see the module docstring
         return {"peak_mb": None, "resting_mb": _status_kb("VmRSS") / 1024}
     _trim_heap()
     resting = _status_kb("VmRSS")
