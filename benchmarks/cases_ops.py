@@ -116,11 +116,47 @@ def as_tuple(out: Tensor | tuple) -> tuple[Tensor, ...]:
 
 def validate_op(name: str, fn: Callable, args: tuple) -> dict:
     """Compare every output of ``fn(*args)`` with ``reference.<name>(*args)``."""
+    if name == "encode_topk":
+        return validate_encode_topk(fn, args)
     got, want = as_tuple(fn(*args)), as_tuple(getattr(reference, name)(*args))
     if len(got) != len(want):
         raise ValidationError(f"{name}: {len(got)} outputs, the reference has {len(want)}")
     errors = [check_close(f"{name} output {i}", a, b) for i, (a, b) in enumerate(zip(got, want))]
     return {"against": f"reference.{name}", "max_abs_err": max(errors)}
+
+
+def validate_encode_topk(fn: Callable, args: tuple, chunk_rows: int = 512) -> dict:
+    """The codes' values against the reference's; each index by what it selects.
+
+    The kernel's GEMM and the reference's round differently, so features whose
+    pre-activations tie to float32 precision may come in another order, or at the k-th
+    place another of the tied features may be chosen: comparing ids with the reference's
+    would fail on such rows. Instead each chosen feature must belong to its pair's expert
+    and have (in float64) the value reported for it, and the values must match the
+    reference's, so the selection is a top k up to float32 ties.
+    """
+    x, W_enc, b_enc, b_dec, order, offsets, n_active, k, _ = args
+    values, indices = fn(*args)  # [rows, k] each
+    ref_values, _ = reference.encode_topk(*args)
+    err = check_close("encode_topk values", values, ref_values)
+    n_experts, d_expert, d_in = W_enc.shape
+    expert_of_pair = torch.empty_like(order)  # [rows]
+    expert_of_pair[order] = torch.repeat_interleave(torch.arange(n_experts), offsets.diff())
+    if not torch.equal(indices // d_expert, expert_of_pair[:, None].expand_as(indices)):
+        raise ValidationError("encode_topk: a chosen feature is not in its pair's expert")
+    W_flat = W_enc.reshape(-1, d_in).double()  # [d_sae, d_in]
+    b_flat = b_enc.reshape(-1).double() if b_enc is not None else None  # [d_sae]
+    x_centered = (x - b_dec).double()  # [batch, d_in]
+    for start in range(0, len(values), chunk_rows):
+        idx = indices[start : start + chunk_rows]  # [chunk, k]
+        tokens = torch.arange(start, start + len(idx)) // n_active  # [chunk]
+        pre = torch.einsum("rd,rkd->rk", x_centered[tokens], W_flat[idx])  # [chunk, k]
+        if b_flat is not None:
+            pre = pre + b_flat[idx]
+        err = max(err, check_close("encode_topk: pre-activations of the chosen features",
+                                   values[start : start + chunk_rows], pre.relu()))
+    return {"against": "reference.encode_topk values; float64 pre-activations of the chosen ids",
+            "max_abs_err": err}
 
 
 def op_records(spec: dict, timing: dict) -> list[dict]:

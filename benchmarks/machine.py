@@ -68,12 +68,14 @@ def extension_built() -> str:
 
 
 def versions() -> dict:
-    """Versions of python, torch, switch_sae (and whether its compiled ops are loaded), peers."""
+    """Versions of python, torch, switch_sae (whether its compiled ops are loaded, and which
+    GEMM its CPU encoder runs), peers."""
     from switch_sae import __version__, ops
 
     found = {"python": platform.python_version(), "torch": torch.__version__,
              "switch_sae": __version__, "switch_sae_extension": ops.HAS_EXTENSION,
-             "switch_sae_extension_built": extension_built() if ops.HAS_EXTENSION else None}
+             "switch_sae_extension_built": extension_built() if ops.HAS_EXTENSION else None,
+             "switch_sae_cpu_encoder_gemm": ops.cpu_encoder_gemm()}
     for name in PEER_DISTRIBUTIONS:
         found[name] = dist_version(name)
     return found

@@ -145,7 +145,8 @@ def machine_line(records: list[dict]) -> str:
     return (f"{m['cpu']}, {m['logical_cores']} logical cores, {m['torch_threads']} torch threads, "
             f"{m['memory_gb']} GB, {m['cpu_capability']}, malloc {m.get('malloc', 'glibc')}; "
             f"torch {v['torch']}, switch_sae {v['switch_sae']} "
-            f"(compiled ops: {v['switch_sae_extension']})")
+            f"(compiled ops: {v['switch_sae_extension']}, CPU encoder GEMM: "
+            f"{v.get('switch_sae_cpu_encoder_gemm', 'aten')})")
 
 
 def _bound(cost: roofline.Cost, gflops: float, gb_per_s: float) -> str:

@@ -8,6 +8,8 @@
 // n_experts, d_expert features per expert, d_sae = n_experts * d_expert, d_in.
 #include <torch/extension.h>
 
+#include "cpu/expert_gemm.h"
+
 TORCH_LIBRARY(switch_sae, m) {
   // experts [rows] int64 in [0, n_experts) -> order [rows] int64 (pair ids sorted
   // stably by expert), offsets [n_experts + 1] int64 (expert e owns
@@ -71,4 +73,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("with_cuda", &with_cuda, "Whether CUDA kernels were compiled into this build");
   m.def("torch_version_built", [] { return std::string(SWITCH_SAE_TORCH_VERSION); },
         "The torch version this binary was compiled against");
+  m.def("cpu_encoder_gemm",
+        [] { return std::string(switch_sae::cpu::expert_gemm_available() ? "avx512" : "aten"); },
+        "Which GEMM encode_topk's CPU kernel runs for float32 on this CPU: avx512 (its own) or aten");
 }

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from switch_sae import reference
+from switch_sae import ops, reference
 from benchmarks import QUICK, BenchConfig, ValidationError, check_close, run
 from benchmarks.cases_ops import op_inputs, validate_op
 from benchmarks.cases_train import dense_mask_forward, routed_forward, switch_model, validate_switch
@@ -94,6 +94,31 @@ def test_op_validation_catches_a_wrong_kernel():
     assert validate_op("decode", reference.decode, args)["max_abs_err"] == 0.0
     with pytest.raises(ValidationError, match="decode output 0"):
         validate_op("decode", lambda v, i, W: reference.decode(v, i.flip(-1).roll(1, 0), W), args)
+
+
+def test_encode_topk_validation_accepts_reordered_ties_and_catches_wrong_selections():
+    spec = {**QUICK, "seed": 0}
+    x, W_enc, b_enc, b_dec, order, offsets, n_active, k, tile_rows = op_inputs(spec, n_experts=4)["encode_topk"]
+    d_expert = W_enc.shape[1]
+    # Two features of expert 0 with equal weights tie exactly for every token.
+    W_enc = W_enc.clone()
+    W_enc[0, 1] = W_enc[0, 0]
+    args = (x, W_enc, b_enc, b_dec, order, offsets, n_active, k, tile_rows)
+    assert validate_op("encode_topk", ops.encode_topk, args)["max_abs_err"] < 1e-4
+
+    def tied_swapped(*a):  # the tied features 0 and 1 in the other order: still a valid top k
+        values, indices = ops.encode_topk(*a)
+        return values, torch.where(indices == 0, 1, torch.where(indices == 1, 0, indices))
+
+    assert validate_op("encode_topk", tied_swapped, args)["max_abs_err"] < 1e-4
+    wrong = {
+        "values": lambda *a: (ops.encode_topk(*a)[0] * 1.01, ops.encode_topk(*a)[1]),
+        "chosen features": lambda *a: (ops.encode_topk(*a)[0], ops.encode_topk(*a)[1] ^ 1),  # same expert
+        "expert": lambda *a: (ops.encode_topk(*a)[0], (ops.encode_topk(*a)[1] + d_expert) % (4 * d_expert)),
+    }
+    for match, fn in wrong.items():
+        with pytest.raises(ValidationError, match=match):
+            validate_op("encode_topk", fn, args)
 
 
 def test_check_close_rejects_shape_and_nan():

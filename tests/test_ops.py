@@ -203,6 +203,29 @@ class TestEncodeTopk:
         for name_, got, want in zip(leaves, *grads):
             torch.testing.assert_close(got, want, **FP32_TOL, msg=lambda m: f"{name_}: {m}")
 
+    @pytest.mark.parametrize("use_b_enc", [True, False])
+    def test_gemm_tails_match_float64(self, use_b_enc):
+        # d_in 37 = two full 16-lane chunks and a 5-lane tail, d_expert 70 not a multiple
+        # of the kernel's 4- and 8-feature blocks, tiles of 7 rows not a multiple of its 4.
+        p = make_problem((45, 37, 3, 70, 70, 2, 7), b_enc=use_b_enc)
+        values, indices = encode(p)
+        pre = routed_preactivations(p)  # float64 [rows, d_expert]: with k = d_expert every value is kept
+        want = pre.gather(1, indices % 70).relu()
+        torch.testing.assert_close(values.double(), want, **FP32_TOL)
+
+    def test_one_big_tile_equals_many_small_ones_bitwise(self):
+        # Tiles of 1024 rows x 2050 features x 513 inputs run one after another with the
+        # GEMM split over threads by features; tiles of 64 rows run one per thread. With
+        # the extension's own GEMM every pre-activation is computed the same way on both
+        # paths, so the codes are the same bits; with torch's BLAS, close.
+        p = make_problem((1024, 513, 1, 2050, 8, 1, 1024))
+        one_tile = encode(p)
+        many_tiles = encode({**p, "tile_rows": 64})
+        if switch_sae.ops.cpu_encoder_gemm() == "avx512":
+            assert all(torch.equal(a, b) for a, b in zip(one_tile, many_tiles))
+        else:
+            torch.testing.assert_close(one_tile[0], many_tiles[0], **FP32_TOL)
+
     def test_gradcheck_float64(self):
         p = separated_problem()
         order, offsets = OPS.dispatch(p["experts"], p["n_experts"])

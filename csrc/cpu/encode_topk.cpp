@@ -1,15 +1,15 @@
 // CPU kernel of switch_sae::encode_topk, the routed encoder: for each expert, the
 // (token, expert) pairs it owns (order[offsets[e]:offsets[e+1]]) are encoded
-// tile_rows at a time: gather (x - b_dec) rows, one ATen GEMM against W_enc[e].T
-// (+ b_enc[e]), TopK(k) sorted descending, ReLU, then scatter the values and global
-// feature ids (e * d_expert + local) to the pairs' rows. One such (expert, tile) is a
+// tile_rows at a time: gather (x - b_dec) rows, one GEMM against W_enc[e].T (+ b_enc[e];
+// encoder_gemm below), TopK(k) sorted descending, ReLU, then scatter the values and
+// global feature ids (e * d_expert + local) to the pairs' rows. One such (expert, tile) is a
 // work item; items write disjoint output rows, so they are independent.
 //
 // Parallelism, chosen from the shapes only (never from the thread count, so a given
 // input always takes the same path and the result is bitwise the same for any number
 // of threads):
 // - small items (mean rows * d_expert * d_in per item < kSmallItemMacs, e.g. many
-//   experts of ~64 rows): ONE at::parallel_for over the items. Inside it ATen's GEMM and
+//   experts of ~64 rows): ONE at::parallel_for over the items. Inside it the GEMM and
 //   our TopK run single-threaded (in_parallel_region), so a call opens one parallel region
 //   instead of two per item; with 64 experts the per-item fork/joins cost more than the
 //   work itself, worse still on a busy machine.
@@ -35,9 +35,12 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "checks.h"
+#include "cpu/expert_gemm.h"
 #include "cpu/row_math.h"
 #include "cpu/topk_select.h"
 
@@ -45,6 +48,9 @@ namespace switch_sae {
 namespace {
 
 // ---- kernel
+
+// Fewest features per thread when one tile's GEMM is split over threads.
+constexpr int64_t kGemmFeatureGrain = 64;
 
 // offsets must describe a split of the rows sorted pairs into n_experts runs.
 void check_offsets_values(const int64_t* offsets, int64_t n_experts, int64_t rows) {
@@ -84,6 +90,31 @@ void gather_centered(const scalar_t* x, const scalar_t* b_dec, const int64_t* to
     for (int64_t d = 0; d < d_in; ++d) {
       out[d] = row[d] - b_dec[d];
     }
+  }
+}
+
+// pre [n, d_expert] = xs [n, d_in] . W [d_expert, d_in]^T (+ b [d_expert]). float32 on
+// an AVX-512 CPU: our expert_gemm (cpu/expert_gemm.h), split over features when called
+// outside a parallel region (every element is computed the same way however the features
+// are split); otherwise ATen's addmm/mm, which use the thread pool themselves.
+template <typename scalar_t>
+void encoder_gemm(const at::Tensor& xs, const at::Tensor& W, const std::optional<at::Tensor>& b,
+                  at::Tensor pre) {
+  if constexpr (std::is_same_v<scalar_t, float>) {
+    if (cpu::expert_gemm_available()) {
+      const int64_t n = xs.size(0), d_in = xs.size(1);
+      const float* bias = b.has_value() ? b->data_ptr<float>() : nullptr;
+      at::parallel_for(0, W.size(0), /*grain_size=*/kGemmFeatureGrain, [&](int64_t first, int64_t last) {
+        cpu::expert_gemm(xs.data_ptr<float>(), d_in, W.data_ptr<float>(), d_in, bias, pre.data_ptr<float>(),
+                         pre.size(1), n, first, last, d_in);
+      });
+      return;
+    }
+  }
+  if (b.has_value()) {
+    at::addmm_out(pre, *b, xs, W.t());
+  } else {
+    at::mm_out(pre, xs, W.t());
   }
 }
 
@@ -168,15 +199,10 @@ std::tuple<at::Tensor, at::Tensor> encode_topk_cpu(const at::Tensor& x, const at
         const int64_t n = item_rows(i);
         gather_centered<scalar_t>(x.data_ptr<scalar_t>(), b_dec.data_ptr<scalar_t>(),
                                   tokens.data() + start, n, d_in, x_tile.data_ptr<scalar_t>());
-        const at::Tensor xs = x_tile.narrow(0, 0, n);  // [n, d_in]
-        at::Tensor ps = pre.narrow(0, 0, n);           // [n, d_expert], contiguous
-        const at::Tensor W_t = W_enc[e].t();           // [d_in, d_expert]
-        if (b_enc.has_value()) {
-          at::addmm_out(ps, (*b_enc)[e], xs, W_t);
-        } else {
-          at::mm_out(ps, xs, W_t);
-        }
-        scatter_topk<scalar_t>(ps.data_ptr<scalar_t>(), n, d_expert, k,
+        encoder_gemm<scalar_t>(x_tile.narrow(0, 0, n), W_enc[e],
+                               b_enc.has_value() ? std::optional<at::Tensor>((*b_enc)[e]) : std::nullopt,
+                               pre.narrow(0, 0, n));
+        scatter_topk<scalar_t>(pre.data_ptr<scalar_t>(), n, d_expert, k,
                                order.data_ptr<int64_t>() + start, e * d_expert,
                                values.data_ptr<scalar_t>(), indices.data_ptr<int64_t>());
       }

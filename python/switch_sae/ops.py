@@ -125,6 +125,15 @@ def with_cuda() -> bool:
     return HAS_EXTENSION and bool(torch.ops.switch_sae.with_cuda())
 
 
+def cpu_encoder_gemm() -> str:
+    """The GEMM that ``encode_topk``'s CPU kernel runs for float32 on this CPU: ``"avx512"``
+    (the extension's own, which reads each expert's weights in place), ``"aten"`` (torch's
+    BLAS) or ``"reference"`` (no extension loaded)."""
+    if not HAS_EXTENSION:
+        return "reference"
+    return importlib.import_module("switch_sae._C").cpu_encoder_gemm()
+
+
 # ---------------------------------------------------------------- fake kernels and autograd
 
 
